@@ -1,0 +1,233 @@
+"""The perturbation rules of SAM and ASAM, in pure torch (no Lightning import).
+
+A method turns the gradient ``g`` at the weights ``w`` into the ascent step ``e(w)``:
+
+* SAM (Foret et al., ICLR 2021): ``e = rho * g / ||g||``.
+* ASAM (Kwon et al., ICML 2021): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` elementwise.
+
+``||.||`` is one global norm over every tensor of every group. A group may carry its own ``rho``
+(taken from the optimizer's param group); the norm stays global.
+
+The methods work on gradients in place: :meth:`SAM.perturbation_` overwrites each gradient with its
+part of ``e``, so no extra parameter-sized buffer is needed. Moving the weights and restoring them is
+the caller's job (see :class:`WeightBackup`), because restoring must copy saved weights back:
+``(w + e) - e`` is not ``w`` in floating point.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_sam import SAM, ParamGroup, WeightBackup
+    >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+    >>> (w**2).sum().backward()                                # g = 2w = (6, 8), ||g|| = 10
+    >>> group = ParamGroup(rho=0.5, params=[w], grads=[w.grad])
+    >>> grad_norm, eps_norm = SAM(rho=0.5).perturbation_([group])
+    >>> w.grad                                                 # e = 0.5 * g / 10
+    tensor([0.3000, 0.4000])
+    >>> backup = WeightBackup()
+    >>> backup.perturb_([group])                               # w <- w + e
+    >>> w.data
+    tensor([3.3000, 4.4000])
+    >>> backup.restore_()                                      # w <- saved w, bit for bit
+    >>> w.data
+    tensor([3., 4.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["ASAM", "SAM", "ParamGroup", "WeightBackup", "global_norm"]
+
+# Guards the division by ||g||: a zero gradient gives a zero perturbation, not NaN.
+_NORM_EPS = 1e-12
+
+
+class ParamGroup(NamedTuple):
+    """The tensors of one optimizer param group that have a gradient in this step.
+
+    Attributes:
+        rho: the radius of this group's perturbation (``0`` leaves the group unperturbed).
+        params: the weights ``w``.
+        grads: their gradients ``g``, index for index.
+    """
+
+    rho: float
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+def check_non_negative(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite, non-negative real number, else raise.
+
+    Example::
+
+        >>> check_non_negative("rho", 0.05)
+        0.05
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a non-negative float, got {value!r} of type {type(value).__name__}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Expected `{name}` to be a finite, non-negative float, got {value!r}.")
+    return float(value)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _global_norm(norms: Sequence[Tensor]) -> Tensor:
+    """The norm of a vector of norms (0 when there are none)."""
+    return torch.linalg.vector_norm(torch.stack(list(norms))) if norms else torch.zeros(())
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` together, without a host sync.
+
+    fp16 and bf16 tensors are reduced in float32 (their squares overflow early); the result is
+    float64 if any tensor is, else float32.
+
+    Example::
+
+        >>> global_norm([torch.tensor([3.0]), torch.tensor([[4.0]], dtype=torch.float16)])
+        tensor(5.)
+    """
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    out = torch.float64 if torch.float64 in by_dtype else torch.float32
+    norms = [
+        torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)).to(out)
+        for dtype, ts in by_dtype.items()
+    ]
+    return torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros((), dtype=out)
+
+
+class SAM:
+    """Sharpness-Aware Minimization: ``e(w) = rho * g / ||g||``.
+
+    Args:
+        rho: the radius of the neighbourhood, a finite non-negative float (the paper uses 0.05 on
+            CIFAR-10 and 0.1 on CIFAR-100). A param group of the optimizer may override it with
+            its own ``"rho"`` key.
+
+    Example::
+
+        >>> SAM(rho=0.05)
+        SAM(rho=0.05)
+    """
+
+    def __init__(self, rho: float = 0.05) -> None:
+        self.rho = check_non_negative("rho", rho)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"
+
+    def _repr_args(self) -> str:
+        return f"rho={self.rho}"
+
+    @torch.no_grad()
+    def perturbation_(self, groups: Sequence[ParamGroup]) -> tuple[Tensor, Tensor]:
+        """Overwrite every gradient with its part of ``e(w)``.
+
+        Args:
+            groups: the param groups, each with its gradients at ``w``.
+
+        Returns:
+            ``(||g||, ||e||)`` as 0-dim tensors (float32, or float64 for float64 gradients),
+            computed without a host sync.
+        """
+        groups = [g for g in groups if g.grads]
+        group_norms = [global_norm(g.grads) for g in groups]
+        grad_norm = _global_norm(group_norms)
+        scale = 1.0 / (grad_norm + _NORM_EPS)
+        for group in groups:
+            torch._foreach_mul_(group.grads, scale * group.rho)  # e = rho * g / ||g||, written into g
+        return grad_norm, _global_norm([n * (scale * g.rho) for n, g in zip(group_norms, groups)])
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., ICML 2021): ``e(w) = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
+
+    The neighbourhood is scaled by the weights, which makes sharpness invariant to rescaling a
+    layer's weights. ``eta = 0`` is the ``adaptive=True`` mode of davda54/sam.
+
+    Args:
+        rho: the radius in the scaled space, a finite non-negative float (the paper uses 0.5 to 2.0,
+            about ten times SAM's rho).
+        eta: keeps ``T`` positive for zero weights, a finite non-negative float.
+
+    Example::
+
+        >>> ASAM(rho=0.5, eta=0.01)
+        ASAM(rho=0.5, eta=0.01)
+    """
+
+    def __init__(self, rho: float = 0.5, eta: float = 0.01) -> None:
+        super().__init__(rho)
+        self.eta = check_non_negative("eta", eta)
+
+    def _repr_args(self) -> str:
+        return f"rho={self.rho}, eta={self.eta}"
+
+    @torch.no_grad()
+    def perturbation_(self, groups: Sequence[ParamGroup]) -> tuple[Tensor, Tensor]:
+        """Overwrite every gradient with its part of ``e(w)``; returns ``(||T g||, ||e||)``."""
+        groups = [g for g in groups if g.grads]
+        # T = |w| + eta: one temporary the size of the perturbed weights, freed on return
+        scalings = [torch._foreach_abs(g.params) for g in groups]
+        for group, t in zip(groups, scalings):
+            torch._foreach_add_(t, self.eta)
+            torch._foreach_mul_(group.grads, t)  # g <- T g
+        grad_norm = _global_norm([global_norm(g.grads) for g in groups])
+        scale = 1.0 / (grad_norm + _NORM_EPS)
+        for group, t in zip(groups, scalings):
+            torch._foreach_mul_(group.grads, t)  # g <- T^2 g
+            torch._foreach_mul_(group.grads, scale * group.rho)  # e = rho * T^2 g / ||T g||
+        return grad_norm, _global_norm([global_norm(g.grads) for g in groups])
+
+
+class WeightBackup:
+    """Moves weights to ``w + e`` and back, restoring them bit for bit.
+
+    The saved copy is the one parameter-sized buffer SAM needs beyond plain training; it is
+    allocated on first use and reused while the set of perturbed tensors stays the same. It holds
+    ``w`` until :meth:`discard`, so :meth:`restore_` can also undo an optimizer step that failed
+    half-way.
+    """
+
+    def __init__(self) -> None:
+        self._params: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._holds_copy = False
+
+    def perturb_(self, groups: Sequence[ParamGroup]) -> None:
+        """Save ``w``, then ``w <- w + e`` with ``e`` read from the groups' gradients."""
+        params = [p for g in groups for p in g.params]
+        grads = [e for g in groups for e in g.grads]
+        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
+            self._params = params
+            self._saved = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._saved, params)
+            self._holds_copy = True
+            torch._foreach_add_(params, grads)
+
+    def restore_(self) -> None:
+        """``w <- saved w``; does nothing when no copy is held."""
+        if self._holds_copy:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, self._saved)
+
+    def discard(self) -> None:
+        """Forget the copy (the step is over); the buffer is kept for the next step."""
+        self._holds_copy = False

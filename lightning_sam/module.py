@@ -1,0 +1,490 @@
+"""SAMLightningModule: a LightningModule mixin that trains with the two-pass SAM step.
+
+The mixin only orchestrates; the perturbation math lives in :mod:`lightning_sam.methods`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from lightning_sam.methods import SAM, ParamGroup, WeightBackup, check_non_negative, global_norm
+
+__all__ = ["SAMLightningModule", "SAMStepStats"]
+
+# Lightning looks these hooks up on the instance. The mixin shadows them there with wrappers that run
+# the SAM logic around the user's own definition, wherever that sits in the MRO: this works both with
+# the mixin first (`class M(SAMLightningModule, Existing)`) and as the only base.
+_WRAPPED_HOOKS = ("training_step", "configure_optimizers", "on_before_optimizer_step", "on_train_epoch_end")
+_CLIP_ALGORITHMS = ("norm", "value")
+
+
+class SAMStepStats(NamedTuple):
+    """What the last SAM step measured, as 0-dim tensors on the model's device (no host sync).
+
+    With ``accumulate_grad_batches > 1`` these are the last micro-batch's figures.
+    """
+
+    loss: Tensor
+    """L(w), the clean loss."""
+    perturbed_loss: Tensor
+    """L(w + e), the loss at the perturbed weights."""
+    grad_norm: Tensor
+    """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||)."""
+    eps_norm: Tensor
+    """||e||, the length of the ascent step (at most rho)."""
+    rho: float
+    """The method's rho."""
+
+    @property
+    def sharpness(self) -> Tensor:
+        """L(w + e) - L(w)."""
+        return self.perturbed_loss - self.loss
+
+    def as_dict(self) -> dict[str, Tensor | float]:
+        """The figures under their logged names."""
+        return {
+            "sam/sharpness": self.sharpness,
+            "sam/perturbed_loss": self.perturbed_loss,
+            "sam/eps_norm": self.eps_norm,
+            "sam/grad_norm": self.grad_norm,
+            "sam/rho": self.rho,
+        }
+
+
+SKIPPED_STEPS_KEY = "sam/skipped_steps"
+
+
+class SAMLightningModule(pl.LightningModule):
+    """Trains a LightningModule with Sharpness-Aware Minimization.
+
+    Put it first among the bases of an existing LightningModule (or use it as the only base). Write
+    ``training_step`` as for automatic optimization: return the loss (a tensor, or a dict with
+    ``"loss"``). ``configure_optimizers`` returns your ordinary optimizer and scheduler. Each
+    training step then runs:
+
+    1. the clean pass at ``w`` and its backward (under DDP without gradient all-reduce, so each
+       replica computes its own ``e``, as in the paper);
+    2. ``e(w)`` from the gradients (``sam``); ``w <- w + e``;
+    3. the perturbed pass at ``w + e``, with BatchNorm running statistics frozen, nothing logged and
+       no torchmetrics updated (what ``training_step`` logs counts once, from the clean pass);
+    4. ``w`` restored bit for bit from a saved copy;
+    5. gradient clipping (this module's ``gradient_clip_val``) on unscaled gradients;
+    6. one ``LightningOptimizer.step()`` with the perturbed gradient, then the LR schedulers as
+       Lightning's automatic loop would step them.
+
+    A step with a non-finite loss or gradient in either pass is skipped: weights, buffers and
+    optimizer state stay as they were, ``global_step`` advances, and ``sam/skipped_steps`` counts it.
+    An exception inside the step leaves weights and buffers as they were before it, then propagates.
+
+    Args:
+        sam: the perturbation rule, :class:`~lightning_sam.SAM` (default ``SAM(rho=0.05)``) or
+            :class:`~lightning_sam.ASAM`.
+        accumulate_grad_batches: micro-batches per optimizer step (``Trainer(accumulate_grad_batches)``
+            is not available in manual optimization). Each micro-batch gets its own ``e``; the
+            perturbed gradients (losses divided by this number) add up; the descent backward of the
+            last micro-batch alone synchronizes gradients under DDP.
+        gradient_clip_val: clip the descent gradient before the optimizer step (``None`` or ``0``: off).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        *args, **kwargs: passed on to the next class in the MRO.
+
+    Example::
+
+        >>> import torch, lightning.pytorch as pl
+        >>> from lightning_sam import SAM, SAMLightningModule
+        >>> class Regression(pl.LightningModule):
+        ...     def __init__(self, lr: float = 0.1):
+        ...         super().__init__()
+        ...         self.lr, self.net = lr, torch.nn.Linear(4, 1)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         loss = torch.nn.functional.mse_loss(self.net(x), y)
+        ...         self.log("train/loss", loss)
+        ...         return loss
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        >>> class SAMRegression(SAMLightningModule, Regression):
+        ...     pass
+        >>> model = SAMRegression(sam=SAM(rho=0.05), lr=0.05)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+        >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+        >>> trainer.global_step
+        4
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sam: SAM | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        **kwargs: Any,
+    ) -> None:
+        if sam is None:
+            sam = SAM()
+        if not isinstance(sam, SAM):
+            raise TypeError(f"Expected `sam` to be a SAM or ASAM instance (or None for SAM(rho=0.05)), got {sam!r}.")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
+            raise TypeError(f"Expected `accumulate_grad_batches` to be an int >= 1, got {accumulate_grad_batches!r}.")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"Expected `accumulate_grad_batches` to be an int >= 1, got {accumulate_grad_batches}.")
+        if gradient_clip_val is not None:
+            gradient_clip_val = check_non_negative("gradient_clip_val", gradient_clip_val)
+        if gradient_clip_algorithm not in _CLIP_ALGORITHMS:
+            raise ValueError(
+                f"Expected `gradient_clip_algorithm` to be one of {_CLIP_ALGORITHMS}, got {gradient_clip_algorithm!r}."
+            )
+        super().__init__(*args, **kwargs)
+        self.sam = sam
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.sam_last_step: SAMStepStats | None = None
+        self.sam_skipped_steps = 0
+        self._sam_weights = WeightBackup()
+        self._sam_buffers = _BufferBackup()
+        self._sam_nonfinite: Tensor | None = None  # any non-finite figure since the last update
+        self._sam_accumulated: list[Tensor] = []  # descent gradients of the earlier micro-batches
+        self._sam_muted = False  # inside the perturbed pass: logging off
+        self._sam_schedulers: list[LRSchedulerConfig] = []
+        self._sam_layout: _ModuleLayout | None = None  # found at the first step of each fit
+        for name in _WRAPPED_HOOKS:
+            object.__setattr__(self, name, getattr(self, f"_sam_{name}"))
+
+    # ------------------------------------------------------------------ Lightning's switches
+    @property
+    @override
+    def automatic_optimization(self) -> bool:
+        """Always ``False``: the mixin runs the optimizer itself, twice-forward, once-step."""
+        return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value:
+            raise ValueError(
+                "SAMLightningModule runs its own two-pass step with manual optimization; "
+                "`automatic_optimization` cannot be set to True."
+            )
+
+    @property  # type: ignore[override]
+    @override
+    def trainer(self) -> pl.Trainer:
+        return pl.LightningModule.trainer.fget(self)  # type: ignore[attr-defined]
+
+    @trainer.setter
+    def trainer(self, trainer: pl.Trainer | None) -> None:
+        # Attached before Lightning validates its loop configuration, so our errors come first.
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._sam_check_trainer(trainer)
+        pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+
+    def _sam_check_trainer(self, trainer: pl.Trainer) -> None:
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"`Trainer(gradient_clip_val={trainer.gradient_clip_val})` is not available with SAMLightningModule "
+                "(Lightning disables it in manual optimization). Pass it to the module instead: "
+                f"`{type(self).__name__}(..., gradient_clip_val={trainer.gradient_clip_val}, "
+                f"gradient_clip_algorithm={str(trainer.gradient_clip_algorithm or 'norm')!r})`."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"`Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` is not available with "
+                "SAMLightningModule (Lightning disables it in manual optimization). Pass it to the module instead: "
+                f"`{type(self).__name__}(..., accumulate_grad_batches={trainer.accumulate_grad_batches})`."
+            )
+        if type(self).training_step is pl.LightningModule.training_step:
+            raise TypeError(
+                f"`{type(self).__name__}` defines no `training_step`. SAMLightningModule needs one that returns "
+                "the loss (a tensor, or a dict with a 'loss' key)."
+            )
+
+    @override
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, silent during the perturbed pass (so each step logs once)."""
+        if not self._sam_muted:
+            super().log(name, value, *args, **kwargs)
+
+    # ------------------------------------------------------------------ wrapped hooks
+    def _sam_configure_optimizers(self) -> Any:
+        conf = type(self).configure_optimizers(self)
+        optimizers, schedulers, monitor = _configure_optimizers(conf)
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"SAMLightningModule needs exactly one optimizer from `configure_optimizers`, got {len(optimizers)}. "
+                "Put all parameters in one optimizer; param groups can differ in lr, weight_decay and `rho`."
+            )
+        for i, group in enumerate(optimizers[0].param_groups):
+            if "rho" in group:
+                check_non_negative(f"param_groups[{i}]['rho']", group["rho"])
+        # Parsed as in automatic optimization, to keep `monitor`/`strict` of ReduceLROnPlateau, which
+        # Lightning drops (with a warning) in manual optimization. The mixin steps them itself.
+        self._sam_schedulers = _configure_schedulers_automatic_opt(schedulers, monitor)
+        self._sam_layout = None
+        if not schedulers:
+            return conf
+        return optimizers, [
+            {"scheduler": c.scheduler, "interval": c.interval, "frequency": c.frequency, "name": c.name}
+            for c in self._sam_schedulers
+        ]
+
+    def _sam_on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The order of automatic optimization: the hook sees the unclipped gradient, then clipping.
+        # Under 16-mixed, Lightning has unscaled the gradients before this hook.
+        type(self).on_before_optimizer_step(self, optimizer)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
+    def _sam_on_train_epoch_end(self) -> None:
+        type(self).on_train_epoch_end(self)
+        self._sam_step_schedulers("epoch", plateau=True)
+
+    def _sam_training_step(self, *args: Any, **kwargs: Any) -> Any:
+        user_step = type(self).training_step
+        if self._trainer is None or not self._trainer.training:
+            return user_step(self, *args, **kwargs)
+        if self._sam_layout is None:
+            self._sam_layout = _ModuleLayout.of(self)
+        if not self._sam_layout.step_takes_batch_idx:
+            args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
+        try:
+            return self._sam_step(user_step, args, kwargs)
+        except BaseException:
+            # Nothing is lost: weights and buffers go back to where this update started.
+            self._sam_weights.restore_()
+            self._sam_buffers.restore_()
+            self._sam_reset_update()
+            raise
+
+    # ------------------------------------------------------------------ the step
+    def _sam_step(self, user_step: Any, args: tuple, kwargs: dict) -> Any:
+        trainer = self.trainer
+        optimizer = self.optimizers()
+        n = self.accumulate_grad_batches
+        epoch_loop = trainer.fit_loop.epoch_loop
+        batch_idx = epoch_loop.batch_idx
+        last_of_epoch = epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        first = batch_idx % n == 0
+        update = (batch_idx + 1) % n == 0 or last_of_epoch
+
+        if first:
+            self._sam_buffers.save_(self)
+            optimizer.zero_grad()
+
+        # 1. clean pass at w; the gradient stays local to this replica
+        with _no_sync(trainer.strategy):
+            output = user_step(self, *args, **kwargs)
+            loss = _loss_of(output)
+            self.manual_backward(loss)
+
+        # 2. e(w) from g, in place of g; w <- w + e
+        groups = self._sam_param_groups(optimizer.optimizer)
+        grads = [g for group in groups for g in group.grads]
+        grad_norm, eps_norm = self.sam.perturbation_(groups)
+        self._sam_weights.perturb_(groups)
+        try:
+            # the descent gradient adds to those of the earlier micro-batches
+            if self._sam_accumulated:
+                torch._foreach_copy_(grads, self._sam_accumulated)
+            else:
+                torch._foreach_zero_(grads)
+            # 3. perturbed pass at w + e
+            with self._sam_perturbed_pass(), nullcontext() if update else _no_sync(trainer.strategy):
+                perturbed_loss = _loss_of(user_step(self, *args, **kwargs))
+                self.manual_backward(perturbed_loss / n if n > 1 else perturbed_loss)
+        finally:
+            # 4. w <- saved w, bit for bit
+            self._sam_weights.restore_()
+
+        descent_norm = global_norm(grads)
+        nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & grad_norm.isfinite() & descent_norm.isfinite())
+        self._sam_nonfinite = nonfinite if self._sam_nonfinite is None else self._sam_nonfinite | nonfinite
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            grad_norm = grad_norm / scaler._get_scale_async()
+        self.sam_last_step = SAMStepStats(
+            loss.detach(), perturbed_loss.detach(), grad_norm.detach(), eps_norm.detach(), self.sam.rho
+        )
+
+        if not update:
+            if self._sam_accumulated:
+                torch._foreach_copy_(self._sam_accumulated, grads)
+            else:
+                self._sam_accumulated = torch._foreach_clone(grads)
+            return output
+
+        # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step
+        if bool(self._sam_nonfinite):  # the step's one host sync
+            self._sam_skip_update(optimizer.optimizer, scaler, grads)
+        optimizer.step()
+        self._sam_reset_update()
+        self._sam_step_schedulers("step", plateau=False)
+        self._sam_step_schedulers("step", plateau=True)
+        if last_of_epoch:
+            self._sam_step_schedulers("epoch", plateau=False)
+        if trainer._logger_connector.should_update_logs:
+            self.log(SKIPPED_STEPS_KEY, float(self.sam_skipped_steps), on_step=True, on_epoch=False)
+        return output
+
+    def _sam_skip_update(self, optimizer: torch.optim.Optimizer, scaler: Any, grads: list[Tensor]) -> None:
+        """Make the coming ``optimizer.step()`` change nothing, and put the buffers back."""
+        self._sam_buffers.restore_()
+        self.sam_skipped_steps += 1
+        if self.sam_skipped_steps == 1:
+            warnings.warn(
+                f"SAM skipped the update at global step {self.trainer.global_step}: a loss or gradient was not "
+                "finite. Weights, buffers and optimizer state are unchanged; later skips are counted in "
+                f"`{SKIPPED_STEPS_KEY}` without a warning.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if scaler is not None and grads:
+            # GradScaler skips the step on a non-finite gradient and lowers its scale.
+            grads[0].fill_(float("nan"))
+        else:
+            # torch's optimizers leave parameters without a gradient untouched.
+            optimizer.zero_grad(set_to_none=True)
+
+    def _sam_reset_update(self) -> None:
+        self._sam_nonfinite = None
+        self._sam_accumulated = []
+        self._sam_weights.discard()
+        self._sam_buffers.discard()
+
+    def _sam_param_groups(self, optimizer: torch.optim.Optimizer) -> list[ParamGroup]:
+        groups = []
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            groups.append(ParamGroup(group.get("rho", self.sam.rho), params, [p.grad for p in params]))
+        return groups
+
+    @contextmanager
+    def _sam_perturbed_pass(self) -> Iterator[None]:
+        """BatchNorm statistics frozen, logging muted, torchmetrics states restored afterwards."""
+        assert self._sam_layout is not None
+        norms, metrics = self._sam_layout.norms, self._sam_layout.metrics
+        saved_metrics = _save_metric_states(metrics)
+        self._sam_muted = True
+        for m in norms:
+            m.track_running_stats = False  # batch statistics, running ones untouched
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+            self._sam_muted = False
+            _restore_metric_states(saved_metrics)
+
+    def _sam_step_schedulers(self, interval: str, plateau: bool) -> None:
+        """Step the LR schedulers as Lightning's automatic loop (``_update_learning_rates``) would."""
+        trainer = self.trainer
+        for config in self._sam_schedulers:
+            if config.reduce_on_plateau != plateau or config.interval != interval:
+                continue
+            index = trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch
+            if (index + 1) % config.frequency != 0:
+                continue
+            value = None
+            if plateau:
+                value = trainer.callback_metrics.get(config.monitor)  # type: ignore[arg-type]
+                if value is None:
+                    message = (
+                        f"ReduceLROnPlateau conditioned on metric {config.monitor!r}, which is not available. "
+                        f"Available metrics are: {sorted(trainer.callback_metrics)}."
+                    )
+                    if config.strict:
+                        raise KeyError(message + " Log it, or set 'strict': False in the scheduler dict.")
+                    warnings.warn(message + " Skipping the LR update (strict=False).", RuntimeWarning, stacklevel=2)
+                    continue
+            self.lr_scheduler_step(config.scheduler, value)
+
+
+class _ModuleLayout(NamedTuple):
+    """What the step needs to know about the module, found once per fit (after SyncBatchNorm conversion)."""
+
+    norms: list[_BatchNorm]
+    metrics: list[torchmetrics.Metric]
+    step_takes_batch_idx: bool
+
+    @classmethod
+    def of(cls, module: pl.LightningModule) -> _ModuleLayout:
+        return cls(
+            norms=[m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats],
+            metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
+            step_takes_batch_idx=is_param_in_hook_signature(type(module).training_step, "batch_idx", min_args=2),
+        )
+
+
+class _BufferBackup:
+    """A copy of a module's buffers (BatchNorm statistics), to undo a skipped or failed update."""
+
+    def __init__(self) -> None:
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._valid = False
+
+    def save_(self, module: torch.nn.Module) -> None:
+        buffers = list(module.buffers())
+        if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers)):
+            self._buffers = buffers
+            self._saved = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._saved, buffers)
+        self._valid = True
+
+    def restore_(self) -> None:
+        if self._valid and self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
+
+    def discard(self) -> None:
+        self._valid = False
+
+
+def _loss_of(output: Any) -> Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            "SAMLightningModule needs `training_step` to return the loss, as a tensor or a dict with a 'loss' key; "
+            f"got {type(output).__name__}."
+        )
+    return loss
+
+
+def _no_sync(strategy: Any) -> Any:
+    """Skip the gradient all-reduce of the coming backward under DDP."""
+    return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+
+
+def _save_metric_states(metrics: list[torchmetrics.Metric]) -> list[tuple[torchmetrics.Metric, dict, int, Any]]:
+    copies: dict[int, Any] = {}  # metrics in a MetricCollection's compute group share their states
+
+    def copy(value: Any) -> Any:
+        if id(value) not in copies:
+            copies[id(value)] = value.clone() if isinstance(value, Tensor) else list(value)
+        return copies[id(value)]
+
+    return [(m, {k: copy(v) for k, v in m.metric_state.items()}, m._update_count, m._computed) for m in metrics]
+
+
+def _restore_metric_states(saved: list[tuple[torchmetrics.Metric, dict, int, Any]]) -> None:
+    for metric, state, update_count, computed in saved:
+        for name, value in state.items():
+            setattr(metric, name, value)
+        metric._update_count = update_count
+        metric._computed = computed
