@@ -327,6 +327,7 @@ class SAMLightningModule(pl.LightningModule):
                 torch._foreach_copy_(self._sam_accumulated, grads)
             else:
                 self._sam_accumulated = torch._foreach_clone(grads)
+            torch._foreach_zero_(grads)  # the next clean gradient starts from zero
             return output
 
         # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step
