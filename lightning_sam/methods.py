@@ -8,10 +8,10 @@ A method turns the gradient ``g`` at the weights ``w`` into the ascent step ``e(
 ``||.||`` is one global norm over every tensor of every group. A group may carry its own ``rho``
 (taken from the optimizer's param group); the norm stays global.
 
-The methods work on gradients in place: :meth:`SAM.perturbation_` overwrites each gradient with its
-part of ``e``, so no extra parameter-sized buffer is needed. Moving the weights and restoring them is
-the caller's job (see :class:`WeightBackup`), because restoring must copy saved weights back:
-``(w + e) - e`` is not ``w`` in floating point.
+:meth:`SAM.ascent_` leaves in each gradient the direction of ``e`` (``g`` itself for SAM, ``T^2 g``
+for ASAM, written in place: no extra parameter-sized buffer) and returns one scale per group, with
+``e = scale * direction``. Moving the weights and restoring them is :class:`WeightBackup`'s job,
+because restoring must copy saved weights back: ``(w + e) - e`` is not ``w`` in floating point.
 
 Example::
 
@@ -20,11 +20,11 @@ Example::
     >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
     >>> (w**2).sum().backward()                                # g = 2w = (6, 8), ||g|| = 10
     >>> group = ParamGroup(rho=0.5, params=[w], grads=[w.grad])
-    >>> grad_norm, eps_norm = SAM(rho=0.5).perturbation_([group])
-    >>> w.grad                                                 # e = 0.5 * g / 10
-    tensor([0.3000, 0.4000])
+    >>> ascent = SAM(rho=0.5).ascent_([group])
+    >>> ascent.grad_norm, ascent.eps_norm, ascent.scales       # e = 0.5 * g / 10
+    (tensor(10.), tensor(0.5000), [tensor(0.0500)])
     >>> backup = WeightBackup()
-    >>> backup.perturb_([group])                               # w <- w + e
+    >>> backup.perturb_([group], ascent.scales)                # w <- w + e
     >>> w.data
     tensor([3.3000, 4.4000])
     >>> backup.restore_()                                      # w <- saved w, bit for bit
@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["ASAM", "SAM", "ParamGroup", "WeightBackup", "global_norm"]
+__all__ = ["ASAM", "SAM", "Ascent", "ParamGroup", "WeightBackup", "global_norm"]
 
 # Guards the division by ||g||: a zero gradient gives a zero perturbation, not NaN.
 _NORM_EPS = 1e-12
@@ -106,6 +106,17 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros((), dtype=out)
 
 
+class Ascent(NamedTuple):
+    """What :meth:`SAM.ascent_` found: ``e = scales[j] * grads`` of group ``j`` (0-dim tensors, no host sync)."""
+
+    grad_norm: Tensor
+    """||g|| (for ASAM: ||T g||)."""
+    eps_norm: Tensor
+    """||e||."""
+    scales: list[Tensor]
+    """One per group (groups without gradients are left out)."""
+
+
 class SAM:
     """Sharpness-Aware Minimization: ``e(w) = rho * g / ||g||``.
 
@@ -129,30 +140,30 @@ class SAM:
     def _repr_args(self) -> str:
         return f"rho={self.rho}"
 
-    @torch.no_grad()
-    def perturbation_(self, groups: Sequence[ParamGroup]) -> tuple[Tensor, Tensor]:
-        """Overwrite every gradient with its part of ``e(w)``.
-
-        Args:
-            groups: the param groups, each with its gradients at ``w``.
-
-        Returns:
-            ``(||g||, ||e||)`` as 0-dim tensors (float32, or float64 for float64 gradients),
-            computed without a host sync.
-        """
-        groups = [g for g in groups if g.grads]
-        group_norms = [global_norm(g.grads) for g in groups]
-        grad_norm = _global_norm(group_norms)
-        scale = 1.0 / (grad_norm + _NORM_EPS)
-        for group in groups:
-            torch._foreach_mul_(group.grads, scale * group.rho)  # e = rho * g / ||g||, written into g
-        return grad_norm, _global_norm([n * (scale * g.rho) for n, g in zip(group_norms, groups)])
-
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(vars(self).items()))))
+
+    @torch.no_grad()
+    def ascent_(self, groups: Sequence[ParamGroup]) -> Ascent:
+        """Leave the direction of ``e(w)`` in the gradients and return its scale per group.
+
+        Args:
+            groups: the param groups, each with its gradients at ``w``; groups without gradients
+                are skipped.
+
+        Returns:
+            ``||g||``, ``||e||`` and one scale per group with gradients, as 0-dim tensors
+            (float32, or float64 for float64 gradients) computed without a host sync.
+        """
+        groups = [g for g in groups if g.grads]
+        group_norms = [global_norm(g.grads) for g in groups]
+        grad_norm = _global_norm(group_norms)
+        inv = 1.0 / (grad_norm + _NORM_EPS)
+        scales = [inv * g.rho for g in groups]  # e = rho * g / ||g||: the direction is g itself
+        return Ascent(grad_norm, _global_norm([n * s for n, s in zip(group_norms, scales)]), scales)
 
 
 class ASAM(SAM):
@@ -180,8 +191,8 @@ class ASAM(SAM):
         return f"rho={self.rho}, eta={self.eta}"
 
     @torch.no_grad()
-    def perturbation_(self, groups: Sequence[ParamGroup]) -> tuple[Tensor, Tensor]:
-        """Overwrite every gradient with its part of ``e(w)``; returns ``(||T g||, ||e||)``."""
+    def ascent_(self, groups: Sequence[ParamGroup]) -> Ascent:
+        """Write ``T^2 g`` into the gradients and return the scales ``rho / ||T g||``."""
         groups = [g for g in groups if g.grads]
         # T = |w| + eta: one temporary the size of the perturbed weights, freed on return
         scalings = [torch._foreach_abs(g.params) for g in groups]
@@ -189,11 +200,12 @@ class ASAM(SAM):
             torch._foreach_add_(t, self.eta)
             torch._foreach_mul_(group.grads, t)  # g <- T g
         grad_norm = _global_norm([global_norm(g.grads) for g in groups])
-        scale = 1.0 / (grad_norm + _NORM_EPS)
         for group, t in zip(groups, scalings):
             torch._foreach_mul_(group.grads, t)  # g <- T^2 g
-            torch._foreach_mul_(group.grads, scale * group.rho)  # e = rho * T^2 g / ||T g||
-        return grad_norm, _global_norm([global_norm(g.grads) for g in groups])
+        inv = 1.0 / (grad_norm + _NORM_EPS)
+        scales = [inv * g.rho for g in groups]  # e = rho * T^2 g / ||T g||
+        eps_norm = _global_norm([global_norm(g.grads) * s for g, s in zip(groups, scales)])
+        return Ascent(grad_norm, eps_norm, scales)
 
 
 class WeightBackup:
@@ -210,17 +222,26 @@ class WeightBackup:
         self._saved: list[Tensor] = []
         self._holds_copy = False
 
-    def perturb_(self, groups: Sequence[ParamGroup]) -> None:
-        """Save ``w``, then ``w <- w + e`` with ``e`` read from the groups' gradients."""
+    def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
+        """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
+
+        On CPU the scale is read to the host, which is free there and saves a pass over the
+        gradients; elsewhere the direction is scaled in place, without a host sync.
+        """
+        groups = [g for g in groups if g.grads]
         params = [p for g in groups for p in g.params]
-        grads = [e for g in groups for e in g.grads]
         if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             self._params = params
             self._saved = [torch.empty_like(p) for p in params]
         with torch.no_grad():
             torch._foreach_copy_(self._saved, params)
             self._holds_copy = True
-            torch._foreach_add_(params, grads)
+            for group, scale in zip(groups, scales):
+                if scale.device.type == "cpu":
+                    torch._foreach_add_(group.params, group.grads, alpha=scale.item())
+                else:
+                    torch._foreach_mul_(group.grads, scale)
+                    torch._foreach_add_(group.params, group.grads)
 
     def restore_(self) -> None:
         """``w <- saved w``; does nothing when no copy is held."""

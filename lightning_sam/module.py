@@ -296,8 +296,8 @@ class SAMLightningModule(pl.LightningModule):
         # 2. e(w) from g, in place of g; w <- w + e
         groups = self._sam_param_groups(optimizer.optimizer)
         grads = [g for group in groups for g in group.grads]
-        grad_norm, eps_norm = self.sam.perturbation_(groups)
-        self._sam_weights.perturb_(groups)
+        grad_norm, eps_norm, scales = self.sam.ascent_(groups)
+        self._sam_weights.perturb_(groups, scales)
         try:
             # the descent gradient adds to those of the earlier micro-batches
             if self._sam_accumulated:
