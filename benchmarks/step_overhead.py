@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from lightning_sam import ParamGroup, SAM, WeightBackup
+from lightning_sam import SAM, ParamGroup, WeightBackup
 
 
 def mlp(width: int = 180, layers: int = 80) -> nn.Module:
@@ -94,7 +94,8 @@ def main() -> None:
     print(f"  per-parameter loop / ascent + restore  {loop / ours:6.2f}x   (target >= 3x)")
     print(
         f"\n  extra memory: one saved copy of the perturbed weights = {4 * n / 2**20:.1f} MiB "
-        f"(1.00x the parameters);\n  e is never stored: its direction stays in the gradients (ASAM: T^2 g, written in place)"
+        f"(1.00x the parameters);\n  e is never stored: its direction stays in the gradients "
+        "(ASAM: T^2 g, written in place)"
     )
 
 

@@ -1,6 +1,6 @@
 """The smallest complete use of lightning-sam: a LightningModule trained with SAM (no Hydra).
 
-    python examples/minimal.py
+python examples/minimal.py
 """
 
 import lightning.pytorch as pl

@@ -13,8 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_sam import SAM  # noqa: E402
-from tests.helpers import SAMClassifier, make_loader  # noqa: E402
+from lightning_sam import SAM
+from tests.helpers import SAMClassifier, make_loader
 
 ALLREDUCES = 0
 

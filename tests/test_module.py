@@ -238,23 +238,26 @@ class SAMScheduled(SAMLightningModule, Scheduled):
     pass
 
 
+class RecordLR(pl.Callback):
+    def __init__(self):
+        self.history = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.history.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
 @pytest.mark.parametrize("kind", ["epoch", "step", "plateau"])
 def test_schedulers_step_as_in_automatic_optimization(kind):
     lrs = {}
     for name, cls in (("automatic", Scheduled), ("sam", SAMScheduled)):
         model = cls(kind)
-        history = []
-
-        class Record(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                history.append(trainer.optimizers[0].param_groups[0]["lr"])
-
+        record = RecordLR()
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # e.g. Lightning's "keys will be ignored"
-            trainer(max_epochs=4, callbacks=[Record()], limit_val_batches=1).fit(
+            trainer(max_epochs=4, callbacks=[record], limit_val_batches=1).fit(
                 model, make_loader(batch_size=32), make_loader(batch_size=32)
             )
-        lrs[name] = history + [model.trainer.optimizers[0].param_groups[0]["lr"]]
+        lrs[name] = [*record.history, model.trainer.optimizers[0].param_groups[0]["lr"]]
     assert lrs["sam"] == pytest.approx(lrs["automatic"])
     assert len(set(lrs["sam"])) > 1
 
@@ -466,7 +469,7 @@ def test_two_optimizers_raise():
         def configure_optimizers(self):
             return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters())]
 
-    with pytest.raises(ValueError, match="exactly one optimizer from `configure_optimizers`, got 2.*param groups"):
+    with pytest.raises(ValueError, match=r"exactly one optimizer from `configure_optimizers`, got 2.*param groups"):
         trainer().fit(Two(), make_loader())
 
 
@@ -514,7 +517,7 @@ def test_training_step_must_return_the_loss():
         def training_step(self, batch, batch_idx):
             super().training_step(batch, batch_idx)
 
-    with pytest.raises(TypeError, match="needs `training_step` to return the loss.*got NoneType"):
+    with pytest.raises(TypeError, match=r"needs `training_step` to return the loss.*got NoneType"):
         trainer().fit(NoLoss(), make_loader())
 
 
