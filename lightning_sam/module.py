@@ -331,7 +331,8 @@ class SAMLightningModule(pl.LightningModule):
             return output
 
         # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step
-        if bool(self._sam_nonfinite):  # the step's one host sync
+        # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
+        if trainer.strategy.reduce_boolean_decision(bool(self._sam_nonfinite), all=False):
             self._sam_skip_update(optimizer.optimizer, scaler, grads)
         optimizer.step()
         self._sam_reset_update()
