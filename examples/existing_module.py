@@ -2,10 +2,10 @@
 
 MNIST-1D is generated locally (no download). About a minute on two CPU cores:
 
-    python examples/mnist1d_sam.py                    # SAM, rho = 0.05
-    python examples/mnist1d_sam.py --method asam --rho 0.5
-    python examples/mnist1d_sam.py --method none      # the same model and optimizer without SAM
-    python examples/mnist1d_sam.py --label-noise 0.4
+    python examples/existing_module.py                    # SAM, rho = 0.05
+    python examples/existing_module.py --method asam --rho 0.5
+    python examples/existing_module.py --method none      # the same model and optimizer without SAM
+    python examples/existing_module.py --label-noise 0.4
 """
 
 import argparse

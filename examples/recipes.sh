@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Recipes for the training app. Each line is a complete command; run them from anywhere once the
+# package is installed (pip install -e . in the repository). Results go to outputs/<task>/<time>/.
+set -euo pipefail
+
+# The default: MNIST-1D (generated locally), the 1-D CNN, SAM with rho 0.05, SGD, cosine, 30 epochs.
+python -m lightning_sam.train
+
+# A quick end-to-end check of any configuration: one epoch of four batches on CPU.
+python -m lightning_sam.train debug=default
+
+# Sweep rho (one run each, in multirun/train/<time>/<n>/).
+python -m lightning_sam.train -m sam.rho=0.02,0.05,0.1,0.2
+
+# Switch the method and the optimizer; compare with the same setup without SAM.
+python -m lightning_sam.train sam=asam sam.rho=1.0
+python -m lightning_sam.train sam=sam optimizer=adamw optimizer.lr=3e-3
+python -m lightning_sam.train sam=none
+
+# Label noise: 40% of the training labels replaced by wrong ones, SAM against plain SGD.
+python -m lightning_sam.train -m experiment=mnist1d_label_noise sam=sam,none
+
+# Gradient accumulation and clipping (passed to the SAM module; Lightning's own are off in manual mode).
+python -m lightning_sam.train trainer.accumulate_grad_batches=4 trainer.gradient_clip_val=1.0
+
+# The paper's CIFAR-10 setup (WideResNet-28-10, 200 epochs, rho 0.05) and its SGD baseline, on a GPU.
+python -m lightning_sam.train experiment=cifar10_wrn28_10_sam data.download=true
+python -m lightning_sam.train experiment=cifar10_wrn28_10_sgd
+python -m lightning_sam.train experiment=cifar100_wrn28_10_sam data.download=true
+
+# Multi-GPU data parallel (one process per GPU; data.batch_size is per GPU).
+python -m lightning_sam.train experiment=cifar10_wrn28_10_sam trainer=ddp trainer.devices=4
+
+# DDP on CPU with two gloo processes, to try it without GPUs.
+python -m lightning_sam.train trainer=ddp trainer.accelerator=cpu trainer.devices=2

@@ -1,0 +1,247 @@
+import csv
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from lightning_sam.data import CIFAR10DataModule, MNIST1DDataModule, read_cifar
+from lightning_sam.train import ConfigError, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """MNIST-1D generated once for the session, and a tiny CIFAR-10 archive in the standard format."""
+    root = tmp_path_factory.mktemp("data")
+    MNIST1DDataModule(root).prepare_data()
+    write_tiny_cifar(
+        root, "cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"], "labels", 10
+    )
+    return root
+
+
+def write_tiny_cifar(root: Path, folder: str, files: list[str], label_key: str, classes: int) -> None:
+    """Batch files of 12 random images each, pickled as in the official archives."""
+    rng = np.random.default_rng(0)
+    (root / folder).mkdir(parents=True)
+    for name in files:
+        batch = {"data": rng.integers(0, 256, (12, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, 12)}
+        batch[label_key] = [int(v) for v in batch[label_key]]
+        with open(root / folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def compose_cfg(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_module("lightning_sam.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.data.data_dir = str(data_dir)
+    return cfg
+
+
+def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
+    for group in GROUPS:
+        for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+            cfg = compose_cfg(tmp_path, data_dir, f"{group}={option}")
+            assert cfg.hydra.runtime.choices[group] == option
+            node = cfg[group] if group in cfg and group not in ("experiment", "debug") else None
+            if group == "model":
+                net = instantiate(node, num_classes=10)
+                assert net(torch.zeros(2, *((1, 40) if option == "cnn1d" else (3, 32, 32)))).shape == (2, 10)
+            elif group in ("callbacks", "logger"):
+                for name, sub in node.items():
+                    if sub is not None:
+                        assert instantiate(sub) is not None, name
+            elif group == "optimizer":
+                assert isinstance(instantiate(node)([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
+            elif group == "scheduler" and node._target_ is not None:
+                opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+                assert instantiate(node)(opt) is not None
+            elif group == "sam" and node._target_ is not None:
+                assert instantiate(node).rho >= 0
+            elif group == "trainer":
+                gpu = cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()
+                assert instantiate(node, **({"accelerator": "cpu"} if gpu else {})) is not None
+            elif group == "data":
+                assert instantiate(node) is not None
+            else:  # experiment, debug: the whole config still instantiates its parts
+                instantiate(cfg.model, num_classes=10)
+                instantiate(cfg.data)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["sam=sam"], ["sam=asam", "optimizer=adamw"], ["sam=none"], ["sam=sam", "scheduler=step", "logger=tensorboard"]],
+    ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb"],
+)
+def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
+    cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
+    result = train(cfg)
+    assert 0 <= result["test/acc"] <= 1
+    assert result["tested_checkpoint"].endswith(".ckpt")
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and str(tmp_path) in out
+    if "logger=tensorboard" in overrides:
+        assert list((tmp_path / "tensorboard").glob("events.*"))
+        return
+    with open(tmp_path / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    assert {"train/loss", "train/acc", "val/acc", "test/acc"} <= columns
+    sam_keys = {"sam/sharpness", "sam/eps_norm", "sam/grad_norm", "sam/rho", "sam/perturbed_loss"}
+    assert sam_keys <= columns if "sam=none" not in overrides else not (sam_keys & columns)
+
+
+def test_app_passes_accumulation_and_clipping_to_the_module(tmp_path, data_dir):
+    cfg = compose_cfg(
+        tmp_path, data_dir, "debug=default", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"
+    )
+    assert train(cfg)["global_step"] == 2  # 4 micro-batches, 2 optimizer steps
+
+
+def test_label_noise_flips_the_stated_fraction_of_training_labels_only(data_dir):
+    clean = MNIST1DDataModule(data_dir, label_noise=0.0, seed=3)
+    noisy = MNIST1DDataModule(data_dir, label_noise=0.25, seed=3)
+    again = MNIST1DDataModule(data_dir, label_noise=0.25, seed=3)
+    other = MNIST1DDataModule(data_dir, label_noise=0.25, seed=4)
+    for dm in (clean, noisy, again, other):
+        dm.setup("fit")
+    y_clean, y_noisy = clean.train_set.tensors[1], noisy.train_set.tensors[1]
+    assert torch.equal(y_clean, noisy.clean_train_labels)
+    assert (y_noisy != y_clean).float().mean().item() == pytest.approx(0.25, abs=1 / len(y_clean))
+    assert torch.equal(y_noisy, again.train_set.tensors[1])  # the same labels for the same seed
+    assert not torch.equal(noisy.train_set.tensors[1], other.train_set.tensors[1])
+    assert torch.equal(noisy.val_set.tensors[1], clean.val_set.tensors[1])  # validation stays clean
+    assert torch.equal(noisy.test_set.tensors[1], clean.test_set.tensors[1])  # test stays clean
+
+
+def test_cifar_reader_on_a_tiny_archive(tmp_path, data_dir):
+    x, y, x_test, _ = read_cifar(data_dir, "cifar10")
+    assert x.shape == (60, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (60,)
+    assert x_test.shape == (12, 3, 32, 32)
+    # the .tar.gz alone is extracted on first use
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(data_dir / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    x2, *_ = read_cifar(tmp_path, "cifar10")
+    assert torch.equal(x, x2)
+    # CIFAR-100 has one train and one test file with fine labels
+    write_tiny_cifar(tmp_path, "cifar-100-python", ["train", "test"], "fine_labels", 100)
+    x100, y100, *_ = read_cifar(tmp_path, "cifar100")
+    assert x100.shape == (12, 3, 32, 32) and y100.max() < 100
+
+
+def test_cifar_pickles_may_hold_only_arrays(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": os.system, "labels": []}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        read_cifar(tmp_path, "cifar10")
+
+
+def test_app_on_cifar_with_resnet18(tmp_path, data_dir):
+    cfg = compose_cfg(
+        tmp_path,
+        data_dir,
+        "debug=default",
+        "data=cifar10",
+        "model=resnet18",
+        "data.batch_size=8",
+        "data.val_fraction=0.2",
+        "data.num_workers=0",
+        "trainer.limit_train_batches=2",
+    )
+    assert 0 <= train(cfg)["test/acc"] <= 1
+
+
+def test_cifar_batches_are_augmented_only_in_training(data_dir):
+    dm = CIFAR10DataModule(data_dir)
+    dm.setup("fit")
+    x, y = dm.train_set[:4]
+    plain = dm.on_after_batch_transfer((x, y), 0)[0]
+    assert plain.shape == (4, 3, 32, 32) and abs(plain.mean().item()) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("sam.rho=-0.1", r"`sam.rho` to be a finite, non-negative float, got -0.1"),
+        ("sam.rho=nan", r"`sam.rho` to be a finite, non-negative float, got nan"),
+        ("sam=asam sam.eta=-1", r"`sam.eta` to be a finite, non-negative float"),
+        ("data.label_noise=1.0", r"`data.label_noise` to be a fraction in \[0, 1\), got 1.0"),
+        ("data.batch_size=0", r"`data.batch_size` to be an int >= 1, got 0"),
+        ("data=cifar10", r"CIFAR-10 is not in data.data_dir=.*data.download=true"),
+    ],
+)
+def test_bad_input_is_named_before_training(tmp_path, data_dir, override, match):
+    overrides = override.split()
+    if overrides == ["data=cifar10"]:
+        cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
+        with open_dict(cfg):
+            cfg.data.data_dir = str(tmp_path / "empty")
+        error = FileNotFoundError
+    else:
+        cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
+        error = ConfigError
+    with pytest.raises(error, match=match):
+        train(cfg)
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_unknown_group_option_lists_the_accepted_ones(tmp_path, data_dir):
+    with pytest.raises(ConfigCompositionException, match=r"Could not find 'sam/foo'"):
+        compose_cfg(tmp_path, data_dir, "sam=foo")
+
+
+def test_command_line(tmp_path, data_dir):
+    """The real entry point, as a user runs it: python -m lightning_sam.train."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_sam.train",
+            "debug=default",
+            f"data.data_dir={data_dir}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy:" in result.stdout
+    assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_sam.train",
+            "debug=default",
+            "sam.rho=-1",
+            f"data.data_dir={data_dir}",
+            f"hydra.run.dir={tmp_path / 'bad'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert bad.returncode != 0
+    assert "`sam.rho` to be a finite, non-negative float, got -1" in bad.stderr
