@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from lightning_sam.data.mnist1d import check_split_args, flip_labels, split_indices
 
@@ -114,7 +115,7 @@ def read_cifar(
 def _download(url: str, archive: Path, md5: str) -> None:
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_suffix(".part")
-    urllib.request.urlretrieve(url, partial)  # noqa: S310 - a fixed https URL
+    urllib.request.urlretrieve(url, partial)  # a fixed https URL
     digest = hashlib.md5(partial.read_bytes()).hexdigest()
     if digest != md5:
         partial.unlink()
@@ -179,9 +180,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.num_classes = spec["classes"]
         self._mean_std = (torch.tensor(spec["mean"]), torch.tensor(spec["std"]))
 
+    @override
     def prepare_data(self) -> None:
         read_cifar(self.data_dir, self.which, self.download)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         x, y, x_test, y_test = read_cifar(self.data_dir, self.which, download=False)
         train, val = split_indices(len(y), self.val_fraction, self.seed)
@@ -190,6 +193,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x_test, y_test)
 
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
         x = x.float().div_(255)
@@ -201,12 +205,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 

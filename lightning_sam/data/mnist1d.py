@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 __all__ = ["MNIST1DDataModule", "check_split_args", "flip_labels", "split_indices"]
 
@@ -106,10 +107,12 @@ class MNIST1DDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_classes = NUM_CLASSES
 
+    @override
     def prepare_data(self) -> None:
         if not self.path.exists():
             _generate(self.path)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # a no-op once cached; covers use without a Trainer
         data = np.load(self.path)
@@ -126,11 +129,14 @@ class MNIST1DDataModule(pl.LightningDataModule):
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
