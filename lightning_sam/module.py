@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning.pytorch.utilities.types import LRSchedulerConfig
@@ -100,6 +100,10 @@ class SAMLightningModule(pl.LightningModule):
             last micro-batch alone synchronizes gradients under DDP.
         gradient_clip_val: clip the descent gradient before the optimizer step (``None`` or ``0``: off).
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        sync_perturbation: under DDP, compute ``e`` from the gradient averaged over all replicas
+            (one global ``e``, a second all-reduce per step). The default, ``False``, gives each
+            replica its own ``e`` from its own batch, as in the paper and its code (m-sharpness with
+            m the per-device batch), and all-reduces once per step.
         *args, **kwargs: passed on to the next class in the MRO.
 
     Example::
@@ -135,6 +139,7 @@ class SAMLightningModule(pl.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        sync_perturbation: bool = False,
         **kwargs: Any,
     ) -> None:
         if sam is None:
@@ -151,11 +156,14 @@ class SAMLightningModule(pl.LightningModule):
             raise ValueError(
                 f"Expected `gradient_clip_algorithm` to be one of {_CLIP_ALGORITHMS}, got {gradient_clip_algorithm!r}."
             )
+        if not isinstance(sync_perturbation, bool):
+            raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
         super().__init__(*args, **kwargs)
         self.sam = sam
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.sync_perturbation = sync_perturbation
         self.sam_last_step: SAMStepStats | None = None
         self.sam_skipped_steps = 0
         self._sam_weights = WeightBackup()
@@ -208,6 +216,18 @@ class SAMLightningModule(pl.LightningModule):
                 f"`Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` is not available with "
                 "SAMLightningModule (Lightning disables it in manual optimization). Pass it to the module instead: "
                 f"`{type(self).__name__}(..., accumulate_grad_batches={trainer.accumulate_grad_batches})`."
+            )
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "SAMLightningModule cannot run under FSDPStrategy: FSDP v1 has no manual optimization in Lightning. "
+                "Use FSDP2: `Trainer(strategy=ModelParallelStrategy())` with "
+                "`torch.distributed.fsdp.fully_shard` applied in `configure_model`."
+            )
+        if getattr(trainer.strategy, "_ddp_kwargs", {}).get("static_graph") and not self.sync_perturbation:
+            raise ValueError(
+                "`DDPStrategy(static_graph=True)` cannot skip the all-reduce of SAM's ascent backward (each "
+                "replica its own e). Drop `static_graph=True`, or pass `sync_perturbation=True` to the module "
+                "(one e from the averaged gradient, two all-reduces per step)."
             )
         if type(self).training_step is pl.LightningModule.training_step:
             raise TypeError(
@@ -287,8 +307,8 @@ class SAMLightningModule(pl.LightningModule):
             self._sam_buffers.save_(self)
             optimizer.zero_grad()
 
-        # 1. clean pass at w; the gradient stays local to this replica
-        with _no_sync(trainer.strategy):
+        # 1. clean pass at w; the gradient stays local to this replica unless e is synchronized
+        with nullcontext() if self.sync_perturbation else _no_sync(trainer.strategy):
             output = user_step(self, *args, **kwargs)
             loss = _loss_of(output)
             self.manual_backward(loss)

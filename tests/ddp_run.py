@@ -1,7 +1,11 @@
 """Trains SAMClassifier with real DDP (2 CPU processes, gloo) and saves what each rank ends with.
 
-Run by tests/test_ddp.py as ``python tests/ddp_run.py OUT_DIR``: Lightning's "ddp" strategy starts the
-second process by running this script again, so it must not run under pytest itself.
+Run by tests/test_ddp.py as ``python tests/ddp_run.py OUT_DIR MODE``: Lightning's "ddp" strategy starts
+the second process by running this script again, so it must not run under pytest itself.
+
+MODE: ``local`` (each replica its own e), ``sync`` (sync_perturbation=True), ``accumulate``
+(local, accumulate_grad_batches=2), ``syncbn`` (local, BatchNorm converted to SyncBatchNorm),
+``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error).
 """
 
 import sys
@@ -25,15 +29,20 @@ def counting_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-def main(out: Path) -> None:
+class CountAllreduces(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):  # Lightning registers comm hooks on CUDA only
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
+
+def main(out: Path, mode: str) -> None:
     pl.seed_everything(0)
-    model = SAMClassifier(sam=SAM(0.05), batchnorm=False)
-    strategy = DDPStrategy(process_group_backend="gloo", bucket_cap_mb=100)
-
-    class CountAllreduces(pl.Callback):
-        def on_fit_start(self, trainer, pl_module):  # Lightning registers comm hooks on CUDA only
-            trainer.strategy.model.register_comm_hook(None, counting_allreduce)
-
+    model = SAMClassifier(
+        sam=SAM(0.05),
+        batchnorm=mode == "syncbn",
+        sync_perturbation=mode == "sync",
+        accumulate_grad_batches=2 if mode == "accumulate" else 1,
+    )
+    strategy = DDPStrategy(process_group_backend="gloo", bucket_cap_mb=100, static_graph=mode == "static")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -43,14 +52,15 @@ def main(out: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[CountAllreduces()],
+        sync_batchnorm=mode == "syncbn",
+        callbacks=[] if mode == "static" else [CountAllreduces()],
     )
     trainer.fit(model, make_loader(batch_size=8, n=64))
     torch.save(
-        {"net": model.net.state_dict(), "allreduces": ALLREDUCES, "steps": trainer.global_step},
+        {"state": model.state_dict(), "allreduces": ALLREDUCES, "steps": trainer.global_step},
         out / f"rank{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,59 +1,141 @@
+"""Real DDP: two CPU processes with gloo (tests/ddp_run.py), against one-process simulations."""
+
 import copy
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.helpers import make_data, make_net
+from lightning_sam import SAM
+from tests.helpers import SAMClassifier, make_data, make_loader, make_net, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+RHO = 0.05
 
 
-def _simulate_two_replicas(rho: float, steps: int) -> torch.nn.Module:
-    """One process: each replica its own e from its own half of the batch; descent gradients averaged."""
+def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(tmp_path), mode],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _grads(net, x, y, scale=1.0):
+    net.zero_grad()
+    (F.cross_entropy(net(x), y) * scale).backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _perturbed(net, grads):
+    replica = copy.deepcopy(net)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(replica.parameters(), grads):
+            p.add_(RHO * g / (norm + 1e-12))
+    return replica
+
+
+def _simulate(mode: str) -> torch.nn.Module:
+    """Two replicas in one process. Lightning's DistributedSampler shuffles with seed 0; rank r takes
+    every second index of that order, 8 per batch. "local": each replica's e from its own gradient;
+    "sync": one e from the averaged gradient; "accumulate": local, two micro-batches per update."""
     net = make_net(batchnorm=False)
-    replicas = [copy.deepcopy(net) for _ in range(2)]
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x, y = make_data(n=64).tensors
-    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))  # DistributedSampler(shuffle, seed=0)
-    for step in range(steps):
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    batches = [[order[r::2][b * 8 : (b + 1) * 8] for r in (0, 1)] for b in range(4)]
+    micro = 2 if mode == "accumulate" else 1
+    for start in range(0, 4, micro):
         descent = [torch.zeros_like(p) for p in net.parameters()]
-        for rank, replica in enumerate(replicas):
-            replica.load_state_dict(net.state_dict())
-            idx = order[rank::2][step * 8 : (step + 1) * 8]
-            replica.zero_grad()
-            F.cross_entropy(replica(x[idx]), y[idx]).backward()
-            grads = [p.grad for p in replica.parameters()]
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            with torch.no_grad():
-                for p, g in zip(replica.parameters(), grads):
-                    p.add_(rho * g / (norm + 1e-12))
-            replica.zero_grad()
-            F.cross_entropy(replica(x[idx]), y[idx]).backward()
-            for d, p in zip(descent, replica.parameters()):
-                d += p.grad / 2
+        for per_rank in batches[start : start + micro]:
+            clean = [_grads(net, x[i], y[i]) for i in per_rank]
+            if mode == "sync":
+                mean = [(a + b) / 2 for a, b in zip(*clean)]
+                clean = [mean, mean]
+            for i, g in zip(per_rank, clean):
+                for d, pg in zip(descent, _grads(_perturbed(net, g), x[i], y[i], scale=1 / micro)):
+                    d += pg / 2  # DDP averages over the two replicas
         for p, d in zip(net.parameters(), descent):
             p.grad = d
         opt.step()
     return net
 
 
-def test_ddp_default_each_replica_its_own_eps_and_one_allreduce_per_step(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+@pytest.mark.parametrize(
+    ("mode", "allreduces"),
+    [("local", 4), ("sync", 8), ("accumulate", 2)],
+    ids=["each-replica-its-own-e", "synchronized-e", "accumulation"],
+)
+def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, allreduces):
+    result = _run(tmp_path, mode)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
-    for key, value in ranks[0]["net"].items():
-        assert torch.equal(value, ranks[1]["net"][key]), key  # both replicas end identical
-    assert ranks[0]["allreduces"] == 4  # one bucket, one all-reduce per step: the ascent does not sync
-    expected = _simulate_two_replicas(rho=0.05, steps=4)
-    for key, value in expected.state_dict().items():
-        torch.testing.assert_close(ranks[0]["net"][key], value, atol=1e-6, rtol=0, msg=key)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == (2 if mode == "accumulate" else 4)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key  # both replicas end identical
+    # one gradient bucket: one all-reduce per synchronized backward
+    assert ranks[0]["allreduces"] == allreduces
+    expected = _simulate(mode).state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(ranks[0]["state"]["net." + key], value, atol=1e-6, rtol=0, msg=key)
+    # the modes really differ
+    if mode == "sync":
+        local = _simulate("local").state_dict()
+        assert not torch.allclose(local["0.weight"], expected["0.weight"], atol=1e-6)
+
+
+def test_static_graph_with_per_replica_eps_is_refused_before_training(tmp_path):
+    result = _run(tmp_path, "static")
+    assert result.returncode != 0
+    assert "`DDPStrategy(static_graph=True)` cannot skip the all-reduce of SAM's ascent backward" in result.stderr
+    assert "sync_perturbation=True" in result.stderr
+
+
+def test_fsdp_v1_is_refused_with_a_pointer_to_fsdp2():
+    # FSDPStrategy needs a GPU to build a Trainer; the check only looks at the strategy's type
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(gradient_clip_val=None, accumulate_grad_batches=1, strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"cannot run under FSDPStrategy.*FSDP2.*ModelParallelStrategy"):
+        SAMClassifier()._sam_check_trainer(fake)
+
+
+def test_sync_batchnorm_statistics_are_frozen_in_the_perturbed_pass():
+    # SyncBatchNorm needs GPUs to synchronize; in one process it runs as BatchNorm, which checks the
+    # freezing (it is a _BatchNorm). The 2-GPU run is in benchmarks/gpu_checks.py.
+
+    model = SAMClassifier(sam=SAM(0.5))
+    model.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
+    bn = model.net[1]
+    expected, first = copy.deepcopy(bn), copy.deepcopy(model.net[0])
+    loader = make_loader(batch_size=16, n=16)
+    trainer(max_steps=1).fit(model, loader)
+    x, _ = next(iter(loader))
+    torch.nn.functional.batch_norm(
+        first(x), expected.running_mean, expected.running_var, training=True, momentum=expected.momentum
+    )
+    torch.testing.assert_close(bn.running_mean, expected.running_mean)
+    torch.testing.assert_close(bn.running_var, expected.running_var)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_command_line_ddp_on_cpu(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "lightning_sam.train", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "debug=default", f"data.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy:" in result.stdout
+    assert (tmp_path / "run" / "metrics.csv").exists()
