@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["ASAM", "SAM", "Ascent", "ParamGroup", "WeightBackup", "global_norm"]
+__all__ = ["ASAM", "SAM", "Ascent", "ParamGroup", "WeightBackup", "global_norm", "local"]
 
 # Guards the division by ||g||: a zero gradient gives a zero perturbation, not NaN.
 _NORM_EPS = 1e-12
@@ -78,6 +78,27 @@ def check_non_negative(name: str, value: object) -> float:
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+try:  # FSDP2 shards parameters as DTensors
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # torch without distributed support, or before 2.5
+    DTensor = None
+
+
+def local(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors (FSDP2), other tensors as they are.
+
+    Elementwise in-place work on the shards is exact and needs no communication.
+
+    Example::
+
+        >>> local([torch.ones(2)])
+        [tensor([1., 1.])]
+    """
+    if DTensor is None:
+        return list(tensors)
+    with torch.no_grad():  # the shard itself, not a differentiable view of it
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
 
 def _global_norm(norms: Sequence[Tensor]) -> Tensor:
     """The norm of a vector of norms (0 when there are none)."""
@@ -88,22 +109,30 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """The 2-norm of all ``tensors`` together, without a host sync.
 
     fp16 and bf16 tensors are reduced in float32 (their squares overflow early); the result is
-    float64 if any tensor is, else float32.
+    float64 if any tensor is, else float32. Sharded DTensors (FSDP2) count whole: their local sums
+    of squares are all-reduced over the shards, one collective per mesh and placement.
 
     Example::
 
         >>> global_norm([torch.tensor([3.0]), torch.tensor([[4.0]], dtype=torch.float16)])
         tensor(5.)
     """
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    groups: dict[tuple, list[Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    out = torch.float64 if torch.float64 in by_dtype else torch.float32
-    norms = [
-        torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)).to(out)
-        for dtype, ts in by_dtype.items()
-    ]
-    return torch.linalg.vector_norm(torch.cat(norms)) if norms else torch.zeros((), dtype=out)
+        if DTensor is not None and isinstance(t, DTensor):
+            groups.setdefault((t.dtype, t.device_mesh, t.placements), []).append(t.to_local())
+        else:
+            groups.setdefault((t.dtype, None, None), []).append(t)
+    out = torch.float64 if any(key[0] == torch.float64 for key in groups) else torch.float32
+    squares = []
+    for (dtype, mesh, placements), ts in groups.items():
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
+        square = torch.stack(norms).to(out).square().sum()
+        if mesh is not None:  # the shards' squares add up over the mesh dimensions they are split on
+            partial = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+            square = DTensor.from_local(square, mesh, partial).full_tensor()
+        squares.append(square)
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=out)
 
 
 class Ascent(NamedTuple):
@@ -195,13 +224,13 @@ class ASAM(SAM):
         """Write ``T^2 g`` into the gradients and return the scales ``rho / ||T g||``."""
         groups = [g for g in groups if g.grads]
         # T = |w| + eta: one temporary the size of the perturbed weights, freed on return
-        scalings = [torch._foreach_abs(g.params) for g in groups]
+        scalings = [torch._foreach_abs(local(g.params)) for g in groups]
         for group, t in zip(groups, scalings):
             torch._foreach_add_(t, self.eta)
-            torch._foreach_mul_(group.grads, t)  # g <- T g
+            torch._foreach_mul_(local(group.grads), t)  # g <- T g
         grad_norm = _global_norm([global_norm(g.grads) for g in groups])
         for group, t in zip(groups, scalings):
-            torch._foreach_mul_(group.grads, t)  # g <- T^2 g
+            torch._foreach_mul_(local(group.grads), t)  # g <- T^2 g
         inv = 1.0 / (grad_norm + _NORM_EPS)
         scales = [inv * g.rho for g in groups]  # e = rho * T^2 g / ||T g||
         eps_norm = _global_norm([global_norm(g.grads) * s for g, s in zip(groups, scales)])
@@ -229,7 +258,7 @@ class WeightBackup:
         gradients; elsewhere the direction is scaled in place, without a host sync.
         """
         groups = [g for g in groups if g.grads]
-        params = [p for g in groups for p in g.params]
+        params = local([p for g in groups for p in g.params])
         if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             self._params = params
             self._saved = [torch.empty_like(p) for p in params]
@@ -237,11 +266,12 @@ class WeightBackup:
             torch._foreach_copy_(self._saved, params)
             self._holds_copy = True
             for group, scale in zip(groups, scales):
+                weights, directions = local(group.params), local(group.grads)
                 if scale.device.type == "cpu":
-                    torch._foreach_add_(group.params, group.grads, alpha=scale.item())
+                    torch._foreach_add_(weights, directions, alpha=scale.item())
                 else:
-                    torch._foreach_mul_(group.grads, scale)
-                    torch._foreach_add_(group.params, group.grads)
+                    torch._foreach_mul_(directions, scale)
+                    torch._foreach_add_(weights, directions)
 
     def restore_(self) -> None:
         """``w <- saved w``; does nothing when no copy is held."""

@@ -14,15 +14,16 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
-from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_sam.methods import SAM, ParamGroup, WeightBackup, check_non_negative, global_norm
+from lightning_sam.methods import SAM, ParamGroup, WeightBackup, check_non_negative, global_norm, local
 
 __all__ = ["SAMLightningModule", "SAMStepStats"]
 
@@ -223,6 +224,11 @@ class SAMLightningModule(pl.LightningModule):
                 "Use FSDP2: `Trainer(strategy=ModelParallelStrategy())` with "
                 "`torch.distributed.fsdp.fully_shard` applied in `configure_model`."
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy) and not self.sync_perturbation:
+            rank_zero_warn(
+                "Under ModelParallelStrategy (FSDP2) every backward reduce-scatters the gradients, so SAM's e "
+                "comes from the gradient averaged over replicas, as with `sync_perturbation=True`."
+            )
         if getattr(trainer.strategy, "_ddp_kwargs", {}).get("static_graph") and not self.sync_perturbation:
             raise ValueError(
                 "`DDPStrategy(static_graph=True)` cannot skip the all-reduce of SAM's ascent backward (each "
@@ -316,14 +322,15 @@ class SAMLightningModule(pl.LightningModule):
         # 2. e(w) from g, in place of g; w <- w + e
         groups = self._sam_param_groups(optimizer.optimizer)
         grads = [g for group in groups for g in group.grads]
+        shards = local(grads)  # in-place work on FSDP2's local shards; plain tensors otherwise
         grad_norm, eps_norm, scales = self.sam.ascent_(groups)
         self._sam_weights.perturb_(groups, scales)
         try:
             # the descent gradient adds to those of the earlier micro-batches
             if self._sam_accumulated:
-                torch._foreach_copy_(grads, self._sam_accumulated)
+                torch._foreach_copy_(shards, self._sam_accumulated)
             else:
-                torch._foreach_zero_(grads)
+                torch._foreach_zero_(shards)
             # 3. perturbed pass at w + e
             with self._sam_perturbed_pass(), nullcontext() if update else _no_sync(trainer.strategy):
                 perturbed_loss = _loss_of(user_step(self, *args, **kwargs))
@@ -344,16 +351,16 @@ class SAMLightningModule(pl.LightningModule):
 
         if not update:
             if self._sam_accumulated:
-                torch._foreach_copy_(self._sam_accumulated, grads)
+                torch._foreach_copy_(self._sam_accumulated, shards)
             else:
-                self._sam_accumulated = torch._foreach_clone(grads)
-            torch._foreach_zero_(grads)  # the next clean gradient starts from zero
+                self._sam_accumulated = torch._foreach_clone(shards)
+            torch._foreach_zero_(shards)  # the next clean gradient starts from zero
             return output
 
         # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step
         # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
         if trainer.strategy.reduce_boolean_decision(bool(self._sam_nonfinite), all=False):
-            self._sam_skip_update(optimizer.optimizer, scaler, grads)
+            self._sam_skip_update(optimizer.optimizer, scaler, shards)
         optimizer.step()
         self._sam_reset_update()
         self._sam_step_schedulers("step", plateau=False)

@@ -5,7 +5,8 @@ the second process by running this script again, so it must not run under pytest
 
 MODE: ``local`` (each replica its own e), ``sync`` (sync_perturbation=True), ``accumulate``
 (local, accumulate_grad_batches=2), ``syncbn`` (local, BatchNorm converted to SyncBatchNorm),
-``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error).
+``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error),
+``fsdp2`` (ModelParallelStrategy with fully_shard: e from the reduced gradient).
 """
 
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,15 +35,28 @@ class CountAllreduces(pl.Callback):
         trainer.strategy.model.register_comm_hook(None, counting_allreduce)
 
 
+class ShardedClassifier(SAMClassifier):
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 def main(out: Path, mode: str) -> None:
     pl.seed_everything(0)
-    model = SAMClassifier(
+    model = (ShardedClassifier if mode == "fsdp2" else SAMClassifier)(
         sam=SAM(0.05),
         batchnorm=mode == "syncbn",
         sync_perturbation=mode == "sync",
         accumulate_grad_batches=2 if mode == "accumulate" else 1,
     )
     strategy = DDPStrategy(process_group_backend="gloo", bucket_cap_mb=100, static_graph=mode == "static")
+    if mode == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -53,11 +67,12 @@ def main(out: Path, mode: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         sync_batchnorm=mode == "syncbn",
-        callbacks=[] if mode == "static" else [CountAllreduces()],
+        callbacks=[] if mode in ("static", "fsdp2") else [CountAllreduces()],
     )
     trainer.fit(model, make_loader(batch_size=8, n=64))
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     torch.save(
-        {"state": model.state_dict(), "allreduces": ALLREDUCES, "steps": trainer.global_step},
+        {"state": state, "allreduces": ALLREDUCES, "steps": trainer.global_step},
         out / f"rank{trainer.global_rank}.pt",
     )
 
