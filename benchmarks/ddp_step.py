@@ -94,8 +94,10 @@ def main() -> None:
                 subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
                 times[kind].append(json.loads(out.read_text())["seconds_per_step"])
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"2 CPU processes (gloo) on this machine; MLP 40 x 256x256, "
-          f"batch 64 per replica; {args.steps} timed steps x {args.rounds} rounds (median)\n")
+    print(
+        f"2 CPU processes (gloo) on this machine; MLP 40 x 256x256, "
+        f"batch 64 per replica; {args.steps} timed steps x {args.rounds} rounds (median)\n"
+    )
     for k, v in med.items():
         print(f"  {k:<32s} {v:8.2f} ms/step")
     base, local, synced = med.values()

@@ -24,6 +24,13 @@ from lightning_sam import SAM, SAMLightningModule
 
 WARMUP = 3
 CLOCK = time.perf_counter
+DEVICE = torch.device("cpu")
+
+
+def now() -> float:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return CLOCK()
 
 
 def mlp(width: int = 180, layers: int = 80) -> nn.Module:
@@ -55,17 +62,17 @@ class WithSAM(SAMLightningModule, Plain):
 class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == WARMUP:
-            self.start = CLOCK()
+            self.start = now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = CLOCK()
+        self.end = now()
         self.steps = batch_idx + 1 - WARMUP
 
 
 def lightning_step_time(module: pl.LightningModule, loader) -> float:
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -79,26 +86,31 @@ def lightning_step_time(module: pl.LightningModule, loader) -> float:
 
 def plain_sam_step_time(net: nn.Module, loader, rho: float = 0.05) -> float:
     """SAM written directly with torch's foreach ops: the loop the Trainer is measured against."""
+    net = net.to(DEVICE)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = sgd(params)
     saved = [torch.empty_like(p) for p in params]
     for i, (x, y) in enumerate(loader):
+        x, y = x.to(DEVICE), y.to(DEVICE)
         if i == WARMUP:
-            start = CLOCK()
+            start = now()
         opt.zero_grad()
         F.mse_loss(net(x), y).backward()
         grads = [p.grad for p in params]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        scale = (rho / (norm + 1e-12)).item()  # free on CPU
+        scale = rho / (norm + 1e-12)
         with torch.no_grad():
             torch._foreach_copy_(saved, params)
-            torch._foreach_add_(params, grads, alpha=scale)  # w <- w + e
+            if DEVICE.type == "cpu":
+                torch._foreach_add_(params, grads, alpha=scale.item())  # w <- w + e (.item() is free on CPU)
+            else:
+                torch._foreach_add_(params, torch._foreach_mul(grads, scale))
         torch._foreach_zero_(grads)
         F.mse_loss(net(x), y).backward()
         with torch.no_grad():
             torch._foreach_copy_(params, saved)  # w <- saved w
         opt.step()
-    return (CLOCK() - start) / (len(loader) - WARMUP)
+    return (now() - start) / (len(loader) - WARMUP)
 
 
 def main() -> None:
@@ -112,9 +124,11 @@ def main() -> None:
         default="cpu",
         help="cpu: the process's CPU time, less sensitive to other load on a shared machine",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    DEVICE = torch.device(args.device)
     torch.manual_seed(0)
     n = (args.steps + WARMUP) * args.batch_size
     data = torch.utils.data.TensorDataset(torch.randn(n, 180), torch.randn(n, 180))
@@ -136,7 +150,7 @@ def main() -> None:
     params = sum(p.numel() for p in net.parameters())
     print(
         f"MLP {params / 1e6:.2f}M parameters, batch {args.batch_size}, {args.steps} timed steps x {args.rounds} "
-        f"rounds, {args.clock} clock; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"rounds, {args.clock} clock, {DEVICE}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print(f"  {'ms/step':<34s} {'median':>8s} {'best':>8s}")
     for k in med:

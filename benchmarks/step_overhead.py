@@ -46,12 +46,20 @@ def main() -> None:
         default="wall",
         help="cpu: the process's CPU time, less sensitive to other load on a shared machine",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base_clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def clock() -> float:
+        sync()
+        return base_clock()
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = mlp()
+    net = mlp().to(device)
     params = list(net.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -84,7 +92,8 @@ def main() -> None:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(
         f"MLP: {len(params)} tensors, {n / 1e6:.2f}M parameters; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {args.clock} clock, median of {args.repeats} interleaved repeats\n"
+        f"{torch.get_num_threads()} threads, {device}; {args.clock} clock, "
+        f"median of {args.repeats} interleaved repeats\n"
     )
     for k, v in med.items():
         print(f"  {k:<42s} {v:8.3f} ms")

@@ -54,11 +54,14 @@ def main(out: Path, mode: str) -> None:
         sync_perturbation=mode == "sync",
         accumulate_grad_batches=2 if mode == "accumulate" else 1,
     )
-    strategy = DDPStrategy(process_group_backend="gloo", bucket_cap_mb=100, static_graph=mode == "static")
+    gpu = mode == "syncbn"  # SyncBatchNorm needs GPUs (benchmarks/gpu_checks.py runs it)
+    strategy = DDPStrategy(
+        process_group_backend="nccl" if gpu else "gloo", bucket_cap_mb=100, static_graph=mode == "static"
+    )
     if mode == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if gpu else "cpu",
         devices=2,
         strategy=strategy,
         max_epochs=1,
