@@ -10,14 +10,17 @@ Example::
 import torch
 
 from lightning_sam.callbacks import SharpnessMonitor
-from lightning_sam.methods import ASAM, SAM, ParamGroup, WeightBackup, global_norm
+from lightning_sam.methods import ASAM, GSAM, SAM, LookSAM, ParamGroup, RhoSchedule, WeightBackup, global_norm
 from lightning_sam.module import SAMLightningModule, SAMStepStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "GSAM",
     "SAM",
+    "LookSAM",
+    "RhoSchedule",
     "ParamGroup",
     "SAMLightningModule",
     "SAMStepStats",
@@ -28,4 +31,4 @@ __all__ = [
 ]
 
 # `save_hyperparameters()` may store the method in a checkpoint; let `torch.load(weights_only=True)` read it.
-torch.serialization.add_safe_globals([SAM, ASAM])
+torch.serialization.add_safe_globals([SAM, ASAM, GSAM, LookSAM, RhoSchedule])

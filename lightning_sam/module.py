@@ -30,7 +30,15 @@ __all__ = ["SAMLightningModule", "SAMStepStats"]
 # Lightning looks these hooks up on the instance. The mixin shadows them there with wrappers that run
 # the SAM logic around the user's own definition, wherever that sits in the MRO: this works both with
 # the mixin first (`class M(SAMLightningModule, Existing)`) and as the only base.
-_WRAPPED_HOOKS = ("training_step", "configure_optimizers", "on_before_optimizer_step", "on_train_epoch_end")
+_WRAPPED_HOOKS = (
+    "training_step",
+    "configure_optimizers",
+    "on_before_optimizer_step",
+    "on_train_epoch_end",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+)
+_CHECKPOINT_KEY = "lightning_sam"
 _CLIP_ALGORITHMS = ("norm", "value")
 
 
@@ -159,6 +167,11 @@ class SAMLightningModule(pl.LightningModule):
             )
         if not isinstance(sync_perturbation, bool):
             raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
+        if accumulate_grad_batches > 1 and sam.uses_clean_gradient:
+            raise ValueError(
+                f"{type(sam).__name__} combines the clean and perturbed gradients of one batch; it does not support "
+                f"`accumulate_grad_batches={accumulate_grad_batches}`. Use a larger batch, or SAM/ASAM."
+            )
         super().__init__(*args, **kwargs)
         self.sam = sam
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -281,6 +294,17 @@ class SAMLightningModule(pl.LightningModule):
         type(self).on_train_epoch_end(self)
         self._sam_step_schedulers("epoch", plateau=True)
 
+    def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        type(self).on_save_checkpoint(self, checkpoint)
+        checkpoint[_CHECKPOINT_KEY] = {"method": self.sam.state_dict(), "skipped_steps": self.sam_skipped_steps}
+
+    def _sam_on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        type(self).on_load_checkpoint(self, checkpoint)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is not None:
+            self.sam.load_state_dict(state["method"])
+            self.sam_skipped_steps = state["skipped_steps"]
+
     def _sam_training_step(self, *args: Any, **kwargs: Any) -> Any:
         user_step = type(self).training_step
         if self._trainer is None or not self._trainer.training:
@@ -300,67 +324,51 @@ class SAMLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def _sam_step(self, user_step: Any, args: tuple, kwargs: dict) -> Any:
-        trainer = self.trainer
+        trainer, method, n = self.trainer, self.sam, self.accumulate_grad_batches
         optimizer = self.optimizers()
-        n = self.accumulate_grad_batches
         epoch_loop = trainer.fit_loop.epoch_loop
         batch_idx = epoch_loop.batch_idx
         last_of_epoch = epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
         first = batch_idx % n == 0
         update = (batch_idx + 1) % n == 0 or last_of_epoch
-
+        sam_step = method.takes_sam_step(trainer.global_step)  # the same for all micro-batches of an update
         if first:
             self._sam_buffers.save_(self)
             optimizer.zero_grad()
 
-        # 1. clean pass at w; the gradient stays local to this replica unless e is synchronized
-        with nullcontext() if self.sync_perturbation else _no_sync(trainer.strategy):
+        # 1. clean pass at w. On a SAM step its gradient stays local to this replica (each its own e)
+        # unless e is synchronized or the method's descent needs the clean gradient; on a plain step
+        # it is the descent gradient.
+        sync = (self.sync_perturbation or method.uses_clean_gradient) if sam_step else update
+        with nullcontext() if sync else _no_sync(trainer.strategy):
             output = user_step(self, *args, **kwargs)
             loss = _loss_of(output)
-            self.manual_backward(loss)
-
-        # 2. e(w) from g, in place of g; w <- w + e
-        groups = self._sam_param_groups(optimizer.optimizer)
-        grads = [g for group in groups for g in group.grads]
+            self.manual_backward(loss / n if n > 1 and not sam_step else loss)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         shards = local(grads)  # in-place work on FSDP2's local shards; plain tensors otherwise
-        grad_norm, eps_norm, scales = self.sam.ascent_(groups)
-        self._sam_weights.perturb_(groups, scales)
-        try:
-            # the descent gradient adds to those of the earlier micro-batches
-            if self._sam_accumulated:
-                torch._foreach_copy_(shards, self._sam_accumulated)
-            else:
-                torch._foreach_zero_(shards)
-            # 3. perturbed pass at w + e
-            with self._sam_perturbed_pass(), nullcontext() if update else _no_sync(trainer.strategy):
-                perturbed_loss = _loss_of(user_step(self, *args, **kwargs))
-                self.manual_backward(perturbed_loss / n if n > 1 else perturbed_loss)
-        finally:
-            # 4. w <- saved w, bit for bit
-            self._sam_weights.restore_()
 
-        descent_norm = global_norm(grads)
-        nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & grad_norm.isfinite() & descent_norm.isfinite())
+        if sam_step:
+            perturbed_loss = self._sam_ascent_descent(user_step, args, kwargs, optimizer, loss, grads, shards, update)
+            nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & global_norm(grads).isfinite())
+        else:
+            if update:
+                method.plain_descent_(grads)
+            nonfinite = ~(loss.isfinite() & global_norm(grads).isfinite())
         self._sam_nonfinite = nonfinite if self._sam_nonfinite is None else self._sam_nonfinite | nonfinite
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            grad_norm = grad_norm / scaler._get_scale_async()
-        self.sam_last_step = SAMStepStats(
-            loss.detach(), perturbed_loss.detach(), grad_norm.detach(), eps_norm.detach(), self.sam.rho
-        )
 
         if not update:
-            if self._sam_accumulated:
-                torch._foreach_copy_(self._sam_accumulated, shards)
-            else:
-                self._sam_accumulated = torch._foreach_clone(shards)
-            torch._foreach_zero_(shards)  # the next clean gradient starts from zero
+            if sam_step:  # keep this micro-batch's descent gradient aside; the next clean one starts at 0
+                if self._sam_accumulated:
+                    torch._foreach_copy_(self._sam_accumulated, shards)
+                else:
+                    self._sam_accumulated = torch._foreach_clone(shards)
+                torch._foreach_zero_(shards)
             return output
 
-        # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step
-        # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
+        # 5.-6. one optimizer step per update; the clipping runs in on_before_optimizer_step.
+        # The step's one host sync; under DDP every replica skips if any must, so weights stay equal.
         if trainer.strategy.reduce_boolean_decision(bool(self._sam_nonfinite), all=False):
-            self._sam_skip_update(optimizer.optimizer, scaler, shards)
+            self._sam_skip_update(optimizer.optimizer, shards)
         optimizer.step()
         self._sam_reset_update()
         self._sam_step_schedulers("step", plateau=False)
@@ -371,7 +379,46 @@ class SAMLightningModule(pl.LightningModule):
             self.log(SKIPPED_STEPS_KEY, float(self.sam_skipped_steps), on_step=True, on_epoch=False)
         return output
 
-    def _sam_skip_update(self, optimizer: torch.optim.Optimizer, scaler: Any, grads: list[Tensor]) -> None:
+    def _sam_ascent_descent(
+        self,
+        user_step: Any,
+        args: tuple,
+        kwargs: dict,
+        optimizer: Any,
+        loss: Tensor,
+        grads: list[Tensor],
+        shards: list[Tensor],
+        update: bool,
+    ) -> Tensor:
+        """Steps 2-4 of a SAM step: e(w), the perturbed pass at w + e, w restored; returns L(w + e)."""
+        method, n = self.sam, self.accumulate_grad_batches
+        method.clean_gradient_(grads)
+        rho = method.rho_at(self.trainer.global_step, optimizer.param_groups[0]["lr"])
+        groups = self._sam_param_groups(optimizer.optimizer, rho)
+        # 2. e(w) from g; w <- w + e
+        grad_norm, eps_norm, scales = method.ascent_(groups)
+        self._sam_weights.perturb_(groups, scales)
+        try:
+            # the descent gradient adds to those of the earlier micro-batches
+            if self._sam_accumulated:
+                torch._foreach_copy_(shards, self._sam_accumulated)
+            else:
+                torch._foreach_zero_(shards)
+            # 3. perturbed pass at w + e
+            with self._sam_perturbed_pass(), nullcontext() if update else _no_sync(self.trainer.strategy):
+                perturbed_loss = _loss_of(user_step(self, *args, **kwargs))
+                self.manual_backward(perturbed_loss / n if n > 1 else perturbed_loss)
+        finally:
+            # 4. w <- saved w, bit for bit
+            self._sam_weights.restore_()
+        method.descent_(grads)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            grad_norm = grad_norm / scaler._get_scale_async()
+        self.sam_last_step = SAMStepStats(loss.detach(), perturbed_loss.detach(), grad_norm, eps_norm, rho)
+        return perturbed_loss
+
+    def _sam_skip_update(self, optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> None:
         """Make the coming ``optimizer.step()`` change nothing, and put the buffers back."""
         self._sam_buffers.restore_()
         self.sam_skipped_steps += 1
@@ -383,7 +430,7 @@ class SAMLightningModule(pl.LightningModule):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if scaler is not None and grads:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and grads:
             # GradScaler skips the step on a non-finite gradient and lowers its scale.
             grads[0].fill_(float("nan"))
         else:
@@ -396,11 +443,17 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_weights.discard()
         self._sam_buffers.discard()
 
-    def _sam_param_groups(self, optimizer: torch.optim.Optimizer) -> list[ParamGroup]:
+    def _sam_param_groups(self, optimizer: torch.optim.Optimizer, rho: float) -> list[ParamGroup]:
+        """The groups to perturb at this step: their rho (scheduled), and their selected parameters with gradients."""
+        assert self._sam_layout is not None
+        selected = self._sam_layout.selected
+        scale = rho / self.sam.rho if self.sam.rho else 1.0  # a schedule scales every group's rho alike
         groups = []
         for group in optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            groups.append(ParamGroup(group.get("rho", self.sam.rho), params, [p.grad for p in params]))
+            group_rho = group.get("rho", self.sam.rho) * scale
+            params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
+            if group_rho > 0 and params:
+                groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
         return groups
 
     @contextmanager
@@ -450,13 +503,25 @@ class _ModuleLayout(NamedTuple):
     norms: list[_BatchNorm]
     metrics: list[torchmetrics.Metric]
     step_takes_batch_idx: bool
+    selected: frozenset[int] | None  # ids of the parameters to perturb (None: all)
 
     @classmethod
-    def of(cls, module: pl.LightningModule) -> _ModuleLayout:
+    def of(cls, module: SAMLightningModule) -> _ModuleLayout:
+        selected = None
+        if module.sam.only is not None:
+            selected = frozenset(
+                id(p)
+                for prefix, m in module.named_modules()
+                for name, p in m.named_parameters(prefix=prefix, recurse=False)
+                if module.sam.selects(name, m)
+            )
+            if not selected:
+                raise ValueError(f"`only={module.sam.only!r}` selects no parameter of {type(module).__name__}.")
         return cls(
             norms=[m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats],
             metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
             step_takes_batch_idx=is_param_in_hook_signature(type(module).training_step, "batch_idx", min_args=2),
+            selected=selected,
         )
 
 

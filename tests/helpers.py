@@ -75,6 +75,22 @@ class SAMClassifier(SAMLightningModule, Classifier):
     pass
 
 
+class Quadratic(SAMLightningModule):
+    """L(w) = 1/2 w^T A w: the SAM step has a closed form. Also uses the mixin as the only base."""
+
+    def __init__(self, a: torch.Tensor, w0: torch.Tensor, lr: float, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("a", a)
+        self.w = nn.Parameter(w0.clone())
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return 0.5 * self.w @ self.a @ self.w
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def trainer(**kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu",

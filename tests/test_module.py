@@ -11,7 +11,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_sam import ASAM, SAM, SAMLightningModule
-from tests.helpers import Classifier, SAMClassifier, make_loader, make_net, reference_sam, trainer, two_group_sgd
+from tests.helpers import (
+    Classifier,
+    Quadratic,
+    SAMClassifier,
+    make_loader,
+    make_net,
+    reference_sam,
+    trainer,
+    two_group_sgd,
+)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -28,22 +37,6 @@ def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- exactness
-
-
-class Quadratic(SAMLightningModule):
-    """L(w) = 1/2 w^T A w: the SAM step has a closed form. Also uses the mixin as the only base."""
-
-    def __init__(self, a: torch.Tensor, w0: torch.Tensor, lr: float, **kwargs):
-        super().__init__(**kwargs)
-        self.register_buffer("a", a)
-        self.w = nn.Parameter(w0.clone())
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        return 0.5 * self.w @ self.a @ self.w
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def test_quadratic_step_is_the_closed_form():
