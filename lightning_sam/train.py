@@ -23,6 +23,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_sam.callbacks import SharpnessMonitor
 from lightning_sam.models import Classifier, SAMClassifier
 
-__all__ = ["main", "train"]
+__all__ = ["load_run", "main", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def _enabled(node: Any) -> bool:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the test metrics and where things are."""
     start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
     use_sam = _enabled(cfg.sam)
@@ -75,7 +77,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [_build(cfg.logger, name) for name, node in cfg.logger.items() if _enabled(node)]
     datamodule.prepare_data()  # generates MNIST-1D, or finds (or downloads) the CIFAR archive
 
-    pl.seed_everything(cfg.seed, workers=True)
     if use_sam:
         model: Classifier = SAMClassifier(net, datamodule.num_classes, optimizer, scheduler, sam=sam, **step_options)
     else:
@@ -91,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "sam": repr(sam) if use_sam else "none",
         "global_step": trainer.global_step,
     }
+    result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}  # of training
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         tested = best or "the weights at the end of training"
@@ -113,6 +115,39 @@ def _print_summary(trainer: pl.Trainer, result: dict[str, Any]) -> None:
     csv = next((str(p) for p in metrics if p.exists()), None)
     lines.append(f"run directory: {result['output_dir']}" + (f" (metrics: {csv})" if csv else ""))
     print("\n" + "\n".join(lines), flush=True)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[Any, Any]:
+    """Rebuild the network of a finished run with its trained weights, and its data module.
+
+    Args:
+        run_dir: the run directory (``hydra.run.dir``), holding ``.hydra/config.yaml`` and
+            ``checkpoints/``.
+        checkpoint: ``"last"`` (``last.ckpt``), ``"best"`` (the best by ``val/acc``) or a file name
+            in ``checkpoints/``.
+
+    Returns:
+        ``(net, datamodule)``: the ``torch.nn.Module`` in eval mode, and the (not yet set up) data module.
+    """
+    run_dir = Path(run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no .hydra/config.yaml: expected the directory of a training run.")
+    cfg = OmegaConf.load(config)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if checkpoint == "best":
+        candidates = [c for c in checkpoints if c.name != "last.ckpt"]
+        path = max(candidates, key=lambda c: float(c.stem.rsplit("val_acc", 1)[-1] or 0)) if candidates else None
+    else:
+        path = run_dir / "checkpoints" / (f"{checkpoint}.ckpt" if checkpoint == "last" else checkpoint)
+    if path is None or not path.is_file():
+        found = ", ".join(c.name for c in checkpoints) or "none"
+        raise FileNotFoundError(f"No checkpoint {checkpoint!r} in {run_dir / 'checkpoints'} (found: {found}).")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    return net.eval(), datamodule
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_sam.configs", config_name="train")

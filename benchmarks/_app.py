@@ -1,0 +1,42 @@
+"""Run the training app in-process for benchmarks: compose the configs, train, return the results."""
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from lightning_sam.train import train
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+def run_app(*overrides: str, data_dir: Path = DATA_DIR) -> dict:
+    """Train with the given Hydra overrides (quiet: no progress bar, no logger, no checkpoints kept)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        GlobalHydra.instance().clear()
+        with initialize_config_module("lightning_sam.configs", version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"output_dir={tmp}",
+                    f"data.data_dir={data_dir}",
+                    "logger={}",
+                    "callbacks.progress=null",
+                    "callbacks.lr_monitor=null",
+                    "+trainer.enable_progress_bar=false",
+                    "+trainer.enable_model_summary=false",
+                    *overrides,
+                ],
+                return_hydra_config=True,
+            )
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.data.data_dir = str(data_dir)
+        return train(cfg)
