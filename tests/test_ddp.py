@@ -128,11 +128,11 @@ def test_sync_batchnorm_statistics_are_frozen_in_the_perturbed_pass():
     assert bn.num_batches_tracked.item() == 1
 
 
-def test_command_line_ddp_on_cpu(tmp_path):
+def test_command_line_ddp_on_cpu(tmp_path, mnist1d_dir):
     result = subprocess.run(
         [
             sys.executable, "-m", "lightning_sam.train", "trainer=ddp", "trainer.accelerator=cpu",
-            "trainer.devices=2", "debug=default", f"data.data_dir={tmp_path / 'data'}",
+            "trainer.devices=2", "debug=default", f"data.data_dir={mnist1d_dir}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,

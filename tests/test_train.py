@@ -24,10 +24,9 @@ GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.s
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """MNIST-1D generated once for the session, and a tiny CIFAR-10 archive in the standard format."""
-    root = tmp_path_factory.mktemp("data")
-    MNIST1DDataModule(root).prepare_data()
+def data_dir(mnist1d_dir):
+    """MNIST-1D, and a tiny CIFAR-10 archive in the standard format."""
+    root = mnist1d_dir
     write_tiny_cifar(
         root, "cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"], "labels", 10
     )
