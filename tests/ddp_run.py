@@ -6,6 +6,7 @@ the second process by running this script again, so it must not run under pytest
 MODE: ``local`` (each replica its own e), ``sync`` (sync_perturbation=True), ``accumulate``
 (local, accumulate_grad_batches=2), ``syncbn`` (local, BatchNorm converted to SyncBatchNorm),
 ``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error),
+``static_sync`` (static_graph=True with sync_perturbation=True: works),
 ``fsdp2`` (ModelParallelStrategy with fully_shard: e from the reduced gradient).
 """
 
@@ -51,12 +52,12 @@ def main(out: Path, mode: str) -> None:
     model = (ShardedClassifier if mode == "fsdp2" else SAMClassifier)(
         sam=SAM(0.05),
         batchnorm=mode == "syncbn",
-        sync_perturbation=mode == "sync",
+        sync_perturbation=mode in ("sync", "static_sync"),
         accumulate_grad_batches=2 if mode == "accumulate" else 1,
     )
     gpu = mode == "syncbn"  # SyncBatchNorm needs GPUs (benchmarks/gpu_checks.py runs it)
     strategy = DDPStrategy(
-        process_group_backend="nccl" if gpu else "gloo", bucket_cap_mb=100, static_graph=mode == "static"
+        process_group_backend="nccl" if gpu else "gloo", bucket_cap_mb=100, static_graph=mode.startswith("static")
     )
     if mode == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -70,7 +71,7 @@ def main(out: Path, mode: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         sync_batchnorm=mode == "syncbn",
-        callbacks=[] if mode in ("static", "fsdp2") else [CountAllreduces()],
+        callbacks=[] if mode in ("static", "static_sync", "fsdp2") else [CountAllreduces()],
     )
     trainer.fit(model, make_loader(batch_size=8, n=64))
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}

@@ -69,8 +69,8 @@ def _simulate(mode: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("mode", "allreduces"),
-    [("local", 4), ("sync", 8), ("accumulate", 2), ("fsdp2", None)],
-    ids=["each-replica-its-own-e", "synchronized-e", "accumulation", "fsdp2"],
+    [("local", 4), ("sync", 8), ("accumulate", 2), ("static_sync", None), ("fsdp2", None)],
+    ids=["each-replica-its-own-e", "synchronized-e", "accumulation", "static-graph-synchronized-e", "fsdp2"],
 )
 def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, allreduces):
     result = _run(tmp_path, mode)
@@ -82,7 +82,7 @@ def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, all
     if allreduces is not None:  # one gradient bucket: one all-reduce per synchronized backward
         assert ranks[0]["allreduces"] == allreduces
     # FSDP2 reduce-scatters every backward, so e comes from the averaged gradient
-    expected = _simulate("sync" if mode == "fsdp2" else mode).state_dict()
+    expected = _simulate("sync" if mode in ("fsdp2", "static_sync") else mode).state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(ranks[0]["state"]["net." + key], value, atol=1e-6, rtol=0, msg=key)
     # the modes really differ

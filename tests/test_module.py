@@ -484,7 +484,7 @@ def test_trainer_options_unavailable_in_manual_mode_point_to_the_module(kwargs, 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"sam": 0.05}, TypeError, r"`sam` to be a SAM or ASAM instance"),
+        ({"sam": 0.05}, TypeError, r"`sam` to be a method object \(SAM, ASAM, GSAM, LookSAM\)"),
         ({"accumulate_grad_batches": 0}, ValueError, r"`accumulate_grad_batches` to be an int >= 1, got 0"),
         ({"accumulate_grad_batches": 2.0}, TypeError, r"`accumulate_grad_batches` to be an int >= 1, got 2.0"),
         ({"gradient_clip_val": -1.0}, ValueError, r"`gradient_clip_val` to be a finite, non-negative float"),
