@@ -155,7 +155,8 @@ class SAMLightningModule(pl.LightningModule):
             sam = SAM()
         if not isinstance(sam, SAM):
             raise TypeError(
-                f"Expected `sam` to be a method object (SAM, ASAM, GSAM, LookSAM) or None for SAM(rho=0.05), got {sam!r}."
+                "Expected `sam` to be a method object (SAM, ASAM, GSAM, LookSAM) or None for SAM(rho=0.05), "
+                f"got {sam!r}."
             )
         if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
             raise TypeError(f"Expected `accumulate_grad_batches` to be an int >= 1, got {accumulate_grad_batches!r}.")
