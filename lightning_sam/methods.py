@@ -193,6 +193,14 @@ class Ascent(NamedTuple):
     """One per group (groups without gradients are left out)."""
 
 
+def _copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tensor]:
+    """Copy ``tensors`` into ``buffer`` (allocated like them when missing or of another layout)."""
+    if buffer is None or len(buffer) != len(tensors) or any(b.shape != t.shape for b, t in zip(buffer, tensors)):
+        buffer = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(local(buffer), local(tensors))
+    return buffer
+
+
 _NORM_LAYERS = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -375,8 +383,14 @@ class SAM:
         scales = [inv * g.rho for g in groups]  # e = rho * g / ||g||: the direction is g itself
         return Ascent(grad_norm, _global_norm([n * s for n, s in zip(group_norms, scales)]), scales)
 
+    @torch.no_grad()
     def clean_gradient_(self, grads: list[Tensor]) -> None:
-        """See the clean gradient of every parameter (right after the clean backward); SAM: nothing."""
+        """See the clean gradient of every parameter, right after the clean backward.
+
+        Methods whose descent uses it (``uses_clean_gradient``) keep a copy in ``self._clean``.
+        """
+        if self.uses_clean_gradient:
+            self._clean = _copy_into(self.__dict__.get("_clean"), grads)
 
     def descent_(self, grads: list[Tensor]) -> None:
         """Adjust the descent gradient after the perturbed backward, in place; SAM: nothing."""
@@ -435,14 +449,6 @@ class ASAM(SAM):
         return Ascent(grad_norm, eps_norm, scales)
 
 
-def _copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tensor]:
-    """Copy ``tensors`` into ``buffer`` (allocated like them when missing or of another layout)."""
-    if buffer is None or len(buffer) != len(tensors) or any(b.shape != t.shape for b, t in zip(buffer, tensors)):
-        buffer = [torch.empty_like(t) for t in tensors]
-    torch._foreach_copy_(local(buffer), local(tensors))
-    return buffer
-
-
 class GSAM(SAM):
     """Surrogate gap guided SAM (Zhuang et al., ICLR 2022).
 
@@ -475,11 +481,6 @@ class GSAM(SAM):
 
     def _repr_args(self) -> str:
         return f"rho={self.rho}, alpha={self.alpha}"
-
-    @torch.no_grad()
-    def clean_gradient_(self, grads: list[Tensor]) -> None:
-        """Keep a copy of the clean gradient ``g``."""
-        self._clean = _copy_into(self.__dict__.get("_clean"), grads)
 
     @torch.no_grad()
     def descent_(self, grads: list[Tensor]) -> None:
@@ -528,11 +529,6 @@ class LookSAM(SAM):
     @override
     def takes_sam_step(self, step: int) -> bool:
         return step % self.k == 0
-
-    @torch.no_grad()
-    def clean_gradient_(self, grads: list[Tensor]) -> None:
-        """Keep a copy of the clean gradient ``g``."""
-        self._clean = _copy_into(self.__dict__.get("_clean"), grads)
 
     @torch.no_grad()
     def descent_(self, grads: list[Tensor]) -> None:

@@ -15,14 +15,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_sam.data.mnist1d import check_split_args, flip_labels, split_indices
+from lightning_sam.data.split import SplitDataModule
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "read_cifar"]
 
@@ -142,41 +140,25 @@ def augment(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 with a held-out validation part of the training split and optional label noise.
 
     Args:
         data_dir: where the archive or its extracted folder is (or is downloaded to).
-        batch_size: samples per batch, at least 1.
-        num_workers: DataLoader workers.
-        val_fraction: the part of the training split held out for validation, in [0, 1).
-        label_noise: the fraction of the remaining training labels replaced by a different,
-            uniformly random class (decided by ``seed``), in [0, 1).
-        seed: decides the validation split and the noisy labels.
         download: download the archive when it is missing.
         augment: random crop and flip on training batches.
+        **kwargs: ``batch_size``, ``num_workers``, ``val_fraction``, ``label_noise``, ``seed``
+            (see :class:`~lightning_sam.data.split.SplitDataModule`).
     """
 
     which = "cifar10"
 
     def __init__(
-        self,
-        data_dir: str | Path = "data",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        label_noise: float = 0.0,
-        seed: int = 0,
-        download: bool = False,
-        augment: bool = True,
+        self, data_dir: str | Path = "data", download: bool = False, augment: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__()
-        check_split_args(batch_size, val_fraction, label_noise)
+        super().__init__(**kwargs)
         spec = _SPECS[self.which]
-        self.data_dir = Path(data_dir)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.val_fraction, self.label_noise, self.seed = val_fraction, label_noise, seed
-        self.download, self.augment = download, augment
+        self.data_dir, self.download, self.augment = Path(data_dir), download, augment
         self.num_classes = spec["classes"]
         self._mean_std = (torch.tensor(spec["mean"]), torch.tensor(spec["std"]))
 
@@ -186,12 +168,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        x, y, x_test, y_test = read_cifar(self.data_dir, self.which, download=False)
-        train, val = split_indices(len(y), self.val_fraction, self.seed)
-        self.clean_train_labels = y[train]
-        self.train_set = TensorDataset(x[train], flip_labels(y[train], self.label_noise, self.num_classes, self.seed))
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x_test, y_test)
+        self.split(*read_cifar(self.data_dir, self.which, download=False))
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -201,21 +178,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
             x = augment(x)
         mean, std = (t.to(x.device)[None, :, None, None] for t in self._mean_std)
         return (x - mean) / std, y
-
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
