@@ -13,16 +13,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning_overhead import WARMUP, StepTimer
 from torch import nn
 from torch.nn import functional as F
 
 from lightning_sam import SAM, SAMLightningModule
 
+WARMUP = 3
 KINDS = ("no SAM", "SAM, each replica its own e", "SAM, synchronized e")
 
 
@@ -42,6 +43,15 @@ class Plain(pl.LightningModule):
 
 class WithSAM(SAMLightningModule, Plain):
     pass
+
+
+class StepTimer(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == WARMUP:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end, self.steps = time.perf_counter(), batch_idx + 1 - WARMUP
 
 
 def worker(kind: str, steps: int, out: Path) -> None:

@@ -1,13 +1,16 @@
 """A SAM step inside a Lightning Trainer against a plain-PyTorch foreach SAM loop, same model and data.
 
-Both train the same 2.6M-parameter MLP (80 Linear layers, 160 tensors) with SGD (momentum 0.9,
-weight decay 5e-4, foreach) on the same batches. Rounds alternate between the two (and a plain
-non-SAM Lightning run, for the 2x reference); per-step times are medians (and bests) over rounds,
-measured from the first timed batch's start to the last batch's end (data loading and every hook
-included), in the process's CPU time by default: on a shared machine wall time swings by +-20%
-between rounds, CPU time by a few percent (``--clock wall`` for wall time).
+Both train copies of the same 2.6M-parameter MLP (80 Linear layers, 160 tensors) with SGD (momentum
+0.9, weight decay 5e-4, foreach) on the same batches. The two are interleaved step by step: after
+each Lightning step, a callback runs one step of the plain loop on the same batch and times it
+apart, so both see the same state of this shared, noisy machine (round-to-round swings here are
++-10-20%, step-to-step interleaving cancels them). A Lightning step is timed from one batch's start
+to the next one's, data loading and every hook included, minus the plain step run in between.
 
-Usage: python benchmarks/lightning_overhead.py [--steps 20 --rounds 7 --batch-size 128]
+A second run interleaves plain (non-SAM) Lightning training with the same plain SAM loop, which gives
+the SAM / no-SAM ratio against the same reference.
+
+Usage: python benchmarks/lightning_overhead.py [--steps 40 --batch-size 128 --device cpu|cuda]
 """
 
 import argparse
@@ -59,41 +62,15 @@ class WithSAM(SAMLightningModule, Plain):
     pass
 
 
-class StepTimer(pl.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == WARMUP:
-            self.start = now()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = now()
-        self.steps = batch_idx + 1 - WARMUP
-
-
-def lightning_step_time(module: pl.LightningModule, loader) -> float:
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(module, loader)
-    return (timer.end - timer.start) / timer.steps
-
-
-def plain_sam_step_time(net: nn.Module, loader, rho: float = 0.05) -> float:
-    """SAM written directly with torch's foreach ops: the loop the Trainer is measured against."""
+def plain_sam_loop(net: nn.Module, rho: float = 0.05):
+    """SAM written directly with torch's foreach ops: one step per call, on a batch."""
     net = net.to(DEVICE)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = sgd(params)
     saved = [torch.empty_like(p) for p in params]
-    for i, (x, y) in enumerate(loader):
-        x, y = x.to(DEVICE), y.to(DEVICE)
-        if i == WARMUP:
-            start = now()
+
+    def step(batch) -> None:
+        x, y = (t.to(DEVICE) for t in batch)
         opt.zero_grad()
         F.mse_loss(net(x), y).backward()
         grads = [p.grad for p in params]
@@ -110,55 +87,90 @@ def plain_sam_step_time(net: nn.Module, loader, rho: float = 0.05) -> float:
         with torch.no_grad():
             torch._foreach_copy_(params, saved)  # w <- saved w
         opt.step()
-    return (now() - start) / (len(loader) - WARMUP)
+
+    return step
+
+
+class Interleaved(pl.Callback):
+    """Times Lightning steps and, between them, steps of a reference loop on the same batches."""
+
+    def __init__(self, reference_step) -> None:
+        self.reference_step = reference_step
+        self.lightning: list[float] = []
+        self.reference: list[float] = []
+        self.mark: float | None = None
+        self.reference_time = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        t = now()
+        if self.mark is not None and batch_idx > WARMUP:
+            self.lightning.append(t - self.mark - self.reference_time)
+        self.mark = t
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        start = now()
+        self.reference_step(batch)
+        self.reference_time = now() - start
+        if batch_idx >= WARMUP:
+            self.reference.append(self.reference_time)
+
+
+def interleaved_ratio(
+    module: pl.LightningModule, net: nn.Module, loader, average: str = "median"
+) -> tuple[float, float, float]:
+    """(Lightning step, reference SAM step, their ratio): medians (or means) in seconds."""
+    timer = Interleaved(plain_sam_loop(copy.deepcopy(net)))
+    trainer = pl.Trainer(
+        accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, loader)
+    n = min(len(timer.lightning), len(timer.reference))
+    mean = statistics.median if average == "median" else statistics.fmean
+    ours, ref = mean(timer.lightning[:n]), mean(timer.reference[:n])
+    return ours, ref, ours / ref
+
+
+def make_loader(steps: int, batch_size: int):
+    torch.manual_seed(0)
+    n = (steps + WARMUP + 1) * batch_size
+    data = torch.utils.data.TensorDataset(torch.randn(n, 180), torch.randn(n, 180))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="cpu",
-        help="cpu: the process's CPU time, less sensitive to other load on a shared machine",
-    )
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     global CLOCK, DEVICE
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     DEVICE = torch.device(args.device)
-    torch.manual_seed(0)
-    n = (args.steps + WARMUP) * args.batch_size
-    data = torch.utils.data.TensorDataset(torch.randn(n, 180), torch.randn(n, 180))
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loader = make_loader(args.steps, args.batch_size)
     net = mlp()
-    times: dict[str, list[float]] = {
-        "plain-PyTorch SAM loop": [],
-        "Lightning + SAMLightningModule": [],
-        "Lightning, no SAM": [],
-    }
-    for _ in range(args.rounds):
-        times["plain-PyTorch SAM loop"].append(plain_sam_step_time(copy.deepcopy(net), loader))
-        times["Lightning + SAMLightningModule"].append(
-            lightning_step_time(WithSAM(copy.deepcopy(net), sam=SAM(0.05)), loader)
-        )
-        times["Lightning, no SAM"].append(lightning_step_time(Plain(copy.deepcopy(net)), loader))
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    best = {k: min(v) * 1e3 for k, v in times.items()}
+    sam_ms, ref_ms, sam_ratio = interleaved_ratio(WithSAM(copy.deepcopy(net), sam=SAM(0.05)), net, loader)
+    plain_ms, _, plain_ratio = interleaved_ratio(Plain(copy.deepcopy(net)), net, loader)
     params = sum(p.numel() for p in net.parameters())
     print(
-        f"MLP {params / 1e6:.2f}M parameters, batch {args.batch_size}, {args.steps} timed steps x {args.rounds} "
-        f"rounds, {args.clock} clock, {DEVICE}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"MLP {params / 1e6:.2f}M parameters, batch {args.batch_size}, {args.steps} steps interleaved step by step, "
+        f"{args.clock} clock, {DEVICE}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
-    print(f"  {'ms/step':<34s} {'median':>8s} {'best':>8s}")
-    for k in med:
-        print(f"  {k:<34s} {med[k]:8.2f} {best[k]:8.2f}")
-    for name, t in (("median", med), ("best", best)):
-        plain, ours, no_sam = t.values()
-        print(f"\n  {name}: Lightning SAM / plain SAM loop     {ours / plain:6.3f}x   (target <= 1.05x)")
-        print(f"  {name}: Lightning SAM / Lightning no SAM   {ours / no_sam:6.3f}x   (two passes: ~2x)")
+    print(f"  Lightning + SAMLightningModule   {1e3 * sam_ms:8.2f} ms/step (median)")
+    print(f"  plain-PyTorch foreach SAM loop   {1e3 * ref_ms:8.2f} ms/step (median, interleaved)")
+    print(f"  Lightning, no SAM                {1e3 * plain_ms:8.2f} ms/step (median)")
+    print(f"\n  Lightning SAM / plain SAM loop     {sam_ratio:6.3f}x   (target <= 1.05x)")
+    print(f"  Lightning SAM / Lightning no SAM   {sam_ratio / plain_ratio:6.3f}x   (two passes: ~2x)")
 
 
 if __name__ == "__main__":

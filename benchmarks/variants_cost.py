@@ -1,16 +1,16 @@
-"""Cost per step of each method against plain training, in a Lightning Trainer, one run.
+"""Cost per step of each method against plain training, in a Lightning Trainer.
 
-Same model and data as benchmarks/lightning_overhead.py (a 2.6M-parameter MLP, batch 128, SGD);
-rounds alternate between the methods; per-step times (process CPU time by default) are medians
-over rounds of 20 timed steps each, which hold 4 LookSAM (k=5) and 2 SAM-every-10 SAM steps.
+Same model and data as benchmarks/lightning_overhead.py (a 2.6M-parameter MLP, batch 128, SGD). Each
+method's Lightning run is interleaved step by step with the same plain-PyTorch SAM loop (see
+lightning_overhead.py), which cancels this shared machine's swings; a method's cost relative to
+plain training is its ratio to that reference divided by plain training's. Medians over 40 steps,
+which hold 8 LookSAM (k=5) and 4 SAM-every-10 SAM steps.
 
-Usage: python benchmarks/variants_cost.py [--rounds 3 --clock cpu|wall]
+Usage: python benchmarks/variants_cost.py [--steps 40]
 """
 
 import argparse
 import copy
-import statistics
-import time
 
 import lightning_overhead as lo
 import torch
@@ -29,26 +29,25 @@ METHODS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    lo.CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    n = (args.steps + lo.WARMUP) * 128
-    data = torch.utils.data.TensorDataset(torch.randn(n, 180), torch.randn(n, 180))
-    loader = torch.utils.data.DataLoader(data, batch_size=128)
+    loader = lo.make_loader(args.steps, args.batch_size)
     net = lo.mlp()
-    times: dict[str, list[float]] = {k: [] for k in METHODS}
-    for _ in range(args.rounds):
-        for name, method in METHODS.items():
-            module = lo.Plain(copy.deepcopy(net)) if method is None else lo.WithSAM(copy.deepcopy(net), sam=method)
-            times[name].append(lo.lightning_step_time(module, loader))
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    plain, sam = med["plain (no SAM)"], med["SAM"]
-    print(f"MLP 2.6M parameters, batch 128, {args.steps} timed steps x {args.rounds} rounds, {args.clock} clock\n")
-    print("| method | ms/step | / plain | / SAM |\n|---|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {v / plain:.2f}x | {v / sam:.2f}x |")
+    ratios = {}
+    for name, method in METHODS.items():
+        module = lo.Plain(copy.deepcopy(net)) if method is None else lo.WithSAM(copy.deepcopy(net), sam=method)
+        # median over steps would pick one kind of step for the mixed methods: use the mean there
+        timer_ratio = lo.interleaved_ratio(module, net, loader, average="mean")
+        ratios[name] = timer_ratio[2]
+    plain, sam = ratios["plain (no SAM)"], ratios["SAM"]
+    print(
+        f"MLP 2.6M parameters, batch {args.batch_size}, {args.steps} steps per method, "
+        f"each interleaved with a plain SAM loop; torch {torch.__version__}\n"
+    )
+    print("| method | cost / plain training | cost / SAM |\n|---|---|---|")
+    for name, ratio in ratios.items():
+        print(f"| {name} | {ratio / plain:.2f}x | {ratio / sam:.2f}x |")
     print("\ntargets: SAM about 2x plain; LookSAM k=5 at most 0.7x SAM; SAM every 10 steps about 1.1x plain")
 
 

@@ -201,6 +201,22 @@ def _copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tenso
     return buffer
 
 
+def _add_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Tensor, keep_sources: bool = False) -> None:
+    """``targets += scale * sources`` in place, on local shards.
+
+    On CPU the scale is read to the host, which is free there and saves a pass; elsewhere the
+    sources are scaled without a host sync, in place unless ``keep_sources`` (then in a temporary).
+    """
+    targets, sources = local(targets), local(sources)
+    if scale.device.type == "cpu":
+        torch._foreach_add_(targets, sources, alpha=scale.item())
+    elif keep_sources:
+        torch._foreach_add_(targets, torch._foreach_mul(sources, scale))
+    else:
+        torch._foreach_mul_(sources, scale)
+        torch._foreach_add_(targets, sources)
+
+
 _NORM_LAYERS = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -395,8 +411,8 @@ class SAM:
     def descent_(self, grads: list[Tensor]) -> None:
         """Adjust the descent gradient after the perturbed backward, in place; SAM: nothing."""
 
-    def plain_descent_(self, grads: list[Tensor]) -> None:
-        """Adjust the gradient of a plain (unperturbed) step, in place; SAM: nothing."""
+    def plain_descent_(self, grads: list[Tensor], grad_norm: Tensor) -> None:
+        """Adjust the gradient (of norm ``grad_norm``) of a plain step, in place; SAM: nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint beyond the configuration (LookSAM's stored direction); SAM: none."""
@@ -538,10 +554,10 @@ class LookSAM(SAM):
         torch._foreach_mul_(local(clean), c)  # the clean copy is not needed after this
         gv = _copy_into(self.__dict__.get("_gv"), grads)
         torch._foreach_sub_(local(gv), local(clean))
-        self._gv = gv
+        self._gv, self._gv_norm = gv, global_norm(gv)
 
     @torch.no_grad()
-    def plain_descent_(self, grads: list[Tensor]) -> None:
+    def plain_descent_(self, grads: list[Tensor], grad_norm: Tensor) -> None:
         """``g <- g + alpha * (||g|| / ||g_v||) * g_v`` (nothing before the first SAM step)."""
         pending = self.__dict__.pop("_pending", None)
         if pending is not None:
@@ -549,11 +565,11 @@ class LookSAM(SAM):
                 raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
             self._gv = _copy_into(None, grads)
             torch._foreach_copy_(local(self._gv), [p.to(g.device) for p, g in zip(pending, local(grads))])
+            self._gv_norm = global_norm(self._gv)
         gv = self.__dict__.get("_gv")
         if gv is None or self.alpha == 0:
             return
-        scale = self.alpha * global_norm(grads) / (global_norm(gv) + _NORM_EPS)
-        torch._foreach_add_(local(grads), torch._foreach_mul(local(gv), scale))
+        _add_scaled_(grads, gv, self.alpha * grad_norm / (self._gv_norm + _NORM_EPS), keep_sources=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -598,12 +614,7 @@ class WeightBackup:
             torch._foreach_copy_(self._saved, params)
             self._holds_copy = True
             for group, scale in zip(groups, scales):
-                weights, directions = local(group.params), local(group.grads)
-                if scale.device.type == "cpu":
-                    torch._foreach_add_(weights, directions, alpha=scale.item())
-                else:
-                    torch._foreach_mul_(directions, scale)
-                    torch._foreach_add_(weights, directions)
+                _add_scaled_(group.params, group.grads, scale)  # w <- w + e
 
     def restore_(self) -> None:
         """``w <- saved w``; does nothing when no copy is held."""

@@ -336,7 +336,7 @@ class SAMLightningModule(pl.LightningModule):
         update = (batch_idx + 1) % n == 0 or last_of_epoch
         sam_step = method.takes_sam_step(trainer.global_step)  # the same for all micro-batches of an update
         if first:
-            self._sam_buffers.save_(self)
+            self._sam_buffers.save_(self._sam_layout.buffers)
             optimizer.zero_grad()
 
         # 1. clean pass at w. On a SAM step its gradient stays local to this replica (each its own e)
@@ -354,9 +354,10 @@ class SAMLightningModule(pl.LightningModule):
             perturbed_loss = self._sam_ascent_descent(user_step, args, kwargs, optimizer, loss, grads, shards, update)
             nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & global_norm(grads).isfinite())
         else:
+            grad_norm = global_norm(grads)
             if update:
-                method.plain_descent_(grads)
-            nonfinite = ~(loss.isfinite() & global_norm(grads).isfinite())
+                method.plain_descent_(grads, grad_norm)
+            nonfinite = ~(loss.isfinite() & grad_norm.isfinite())
         self._sam_nonfinite = nonfinite if self._sam_nonfinite is None else self._sam_nonfinite | nonfinite
 
         if not update:
@@ -505,6 +506,7 @@ class _ModuleLayout(NamedTuple):
 
     norms: list[_BatchNorm]
     metrics: list[torchmetrics.Metric]
+    buffers: list[Tensor]  # saved at the start of each update, restored if it is skipped or fails
     step_takes_batch_idx: bool
     selected: frozenset[int] | None  # ids of the parameters to perturb (None: all)
 
@@ -522,6 +524,7 @@ class _ModuleLayout(NamedTuple):
                 raise ValueError(f"`only={module.sam.only!r}` selects no parameter of {type(module).__name__}.")
         return cls(
             norms=[m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats],
+            buffers=list(module.buffers()),
             metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
             step_takes_batch_idx=is_param_in_hook_signature(type(module).training_step, "batch_idx", min_args=2),
             selected=selected,
@@ -536,8 +539,7 @@ class _BufferBackup:
         self._saved: list[Tensor] = []
         self._valid = False
 
-    def save_(self, module: torch.nn.Module) -> None:
-        buffers = list(module.buffers())
+    def save_(self, buffers: list[Tensor]) -> None:
         if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers)):
             self._buffers = buffers
             self._saved = [torch.empty_like(b) for b in buffers]
