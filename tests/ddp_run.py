@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_sam import SAM
+from lightning_sam import SAM, SharpnessMonitor
 from tests.helpers import SAMClassifier, make_loader
 
 ALLREDUCES = 0
@@ -29,6 +29,18 @@ def counting_allreduce(state, bucket):
     global ALLREDUCES
     ALLREDUCES += 1
     return allreduce_hook(state, bucket)
+
+
+class RecordSharpness(pl.Callback):
+    """After SharpnessMonitor logged (it runs first): this rank's own figure and the logged one."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer._logger_connector.should_update_logs:
+            logged = trainer.callback_metrics["sam/grad_norm"].item()
+            self.rows.append((trainer.global_step, pl_module.sam_last_step.grad_norm.item(), logged))
 
 
 class CountAllreduces(pl.Callback):
@@ -61,6 +73,7 @@ def main(out: Path, mode: str) -> None:
     )
     if mode == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    record = RecordSharpness()
     trainer = pl.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=2,
@@ -71,12 +84,14 @@ def main(out: Path, mode: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         sync_batchnorm=mode == "syncbn",
-        callbacks=[] if mode in ("static", "static_sync", "fsdp2") else [CountAllreduces()],
+        log_every_n_steps=2,
+        callbacks=[SharpnessMonitor(), record]
+        + ([] if mode in ("static", "static_sync", "fsdp2") else [CountAllreduces()]),
     )
     trainer.fit(model, make_loader(batch_size=8, n=64))
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     torch.save(
-        {"state": state, "allreduces": ALLREDUCES, "steps": trainer.global_step},
+        {"state": state, "allreduces": ALLREDUCES, "steps": trainer.global_step, "sharpness": record.rows},
         out / f"rank{trainer.global_rank}.pt",
     )
 

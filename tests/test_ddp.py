@@ -81,6 +81,11 @@ def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, all
         assert torch.equal(value, ranks[1]["state"][key]), key  # both replicas end identical
     if allreduces is not None:  # one gradient bucket: one all-reduce per synchronized backward
         assert ranks[0]["allreduces"] == allreduces
+    # sam/* are logged on logging steps only (every 2nd here), as the mean over the ranks
+    rows = [ranks[r]["sharpness"] for r in (0, 1)]
+    assert [step for step, *_ in rows[0]] == [2, 4] if mode != "accumulate" else [1, 2]
+    for (_, own0, logged0), (_, own1, logged1) in zip(*rows):
+        assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5) == pytest.approx(logged1, rel=1e-5)
     # FSDP2 reduce-scatters every backward, so e comes from the averaged gradient
     expected = _simulate("sync" if mode in ("fsdp2", "static_sync") else mode).state_dict()
     for key, value in expected.items():
