@@ -71,4 +71,4 @@ if __name__ == "__main__":
         assert result.returncode == 0
         print("ok  SyncBatchNorm under 2-GPU DDP")
     run("step_overhead.py", "--device", "cuda")
-    run("lightning_overhead.py", "--device", "cuda", "--clock", "wall", "--rounds", "3")
+    run("lightning_overhead.py", "--device", "cuda", "--steps", "100")

@@ -1,16 +1,18 @@
 """A SAM step inside a Lightning Trainer against a plain-PyTorch foreach SAM loop, same model and data.
 
 Both train copies of the same 2.6M-parameter MLP (80 Linear layers, 160 tensors) with SGD (momentum
-0.9, weight decay 5e-4, foreach) on the same batches. The two are interleaved step by step: after
-each Lightning step, a callback runs one step of the plain loop on the same batch and times it
-apart, so both see the same state of this shared, noisy machine (round-to-round swings here are
-+-10-20%, step-to-step interleaving cancels them). A Lightning step is timed from one batch's start
+0.9, weight decay 5e-4, foreach) on the same batches, each drawing them from its own DataLoader over
+the same dataset (a plain loop is `for x, y in loader: step(x, y)`, so batch loading counts on both
+sides). The two are interleaved step by step: after each Lightning step, a callback runs one step of
+the plain loop (its next batch included) and times it apart, so both see the same state of this
+shared, noisy machine (round-to-round swings here are +-10-20%, step-to-step interleaving cancels
+them). A Lightning step is timed from one batch's start
 to the next one's, data loading and every hook included, minus the plain step run in between.
 
 A second run interleaves plain (non-SAM) Lightning training with the same plain SAM loop, which gives
 the SAM / no-SAM ratio against the same reference.
 
-Usage: python benchmarks/lightning_overhead.py [--steps 40 --batch-size 128 --device cpu|cuda]
+Usage: python benchmarks/lightning_overhead.py [--steps 100 --batch-size 128 --device cpu|cuda]
 """
 
 import argparse
@@ -62,15 +64,16 @@ class WithSAM(SAMLightningModule, Plain):
     pass
 
 
-def plain_sam_loop(net: nn.Module, rho: float = 0.05):
-    """SAM written directly with torch's foreach ops: one step per call, on a batch."""
+def plain_sam_loop(net: nn.Module, loader, rho: float = 0.05):
+    """SAM written directly with torch's foreach ops: each call takes the loader's next batch, one step."""
+    batches = iter(loader)
     net = net.to(DEVICE)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = sgd(params)
     saved = [torch.empty_like(p) for p in params]
 
-    def step(batch) -> None:
-        x, y = (t.to(DEVICE) for t in batch)
+    def step() -> None:
+        x, y = (t.to(DEVICE) for t in next(batches))
         opt.zero_grad()
         F.mse_loss(net(x), y).backward()
         grads = [p.grad for p in params]
@@ -92,7 +95,7 @@ def plain_sam_loop(net: nn.Module, rho: float = 0.05):
 
 
 class Interleaved(pl.Callback):
-    """Times Lightning steps and, between them, steps of a reference loop on the same batches."""
+    """Times Lightning steps and, between them, steps of a reference loop on its own copy of the data."""
 
     def __init__(self, reference_step) -> None:
         self.reference_step = reference_step
@@ -109,7 +112,7 @@ class Interleaved(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         start = now()
-        self.reference_step(batch)
+        self.reference_step()
         self.reference_time = now() - start
         if batch_idx >= WARMUP:
             self.reference.append(self.reference_time)
@@ -119,7 +122,8 @@ def interleaved_ratio(
     module: pl.LightningModule, net: nn.Module, loader, average: str = "median"
 ) -> tuple[float, float, float]:
     """(Lightning step, reference SAM step, their ratio): medians (or means) in seconds."""
-    timer = Interleaved(plain_sam_loop(copy.deepcopy(net)))
+    own_loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size)  # the same batches
+    timer = Interleaved(plain_sam_loop(copy.deepcopy(net), own_loader))
     trainer = pl.Trainer(
         accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
         devices=1,
@@ -146,7 +150,7 @@ def make_loader(steps: int, batch_size: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

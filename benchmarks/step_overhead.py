@@ -7,7 +7,10 @@ On a 2.6M-parameter MLP of 160 tensors (80 Linear layers), times, interleaved an
 * lightning_sam's ascent + restore: ||g||, e = rho g / ||g||, save w, w <- w + e, w <- saved w;
 * the same done by a per-parameter Python loop (davda54/sam's style).
 
-Prints medians and the two ratios. Usage: python benchmarks/step_overhead.py [--repeats 200]
+Prints medians and the two ratios, and how many ATen operations each variant dispatches per call:
+on a GPU every one of them is at least one kernel launch (a few microseconds each), which is what
+a per-parameter loop pays for there; on a CPU both variants are bound by memory traffic instead.
+Usage: python benchmarks/step_overhead.py [--repeats 200]
 """
 
 import argparse
@@ -16,6 +19,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sam import SAM, ParamGroup, WeightBackup
 
@@ -34,6 +38,24 @@ def per_parameter_loop(params: list[torch.Tensor], rho: float, state: dict) -> N
             p.add_(p.grad * scale)
         for p in params:
             p.data.copy_(state[p])
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen operations dispatched inside the block (a foreach op counts once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_call(fn) -> int:
+    with CountOps() as counter:
+        fn()
+    return counter.count
 
 
 def main() -> None:
@@ -97,6 +119,9 @@ def main() -> None:
     )
     for k, v in med.items():
         print(f"  {k:<42s} {v:8.3f} ms")
+    print()
+    for k in ("lightning_sam ascent + restore", "per-parameter Python loop"):
+        print(f"  {k:<42s} {ops_per_call(candidates[k]):5d} ATen ops per call")
     base, base_no_wd, ours, loop = med.values()
     print(f"\n  ascent + restore / SGD step (wd)       {ours / base:6.2f}x   (target <= 1.0x)")
     print(f"  ascent + restore / SGD step (no wd)    {ours / base_no_wd:6.2f}x")
