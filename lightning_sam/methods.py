@@ -414,6 +414,9 @@ class SAM:
     def plain_descent_(self, grads: list[Tensor], grad_norm: Tensor) -> None:
         """Adjust the gradient (of norm ``grad_norm``) of a plain step, in place; SAM: nothing."""
 
+    def skip_(self) -> None:
+        """The update of a SAM step was skipped or failed: forget what :meth:`descent_` stored; SAM: nothing."""
+
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint beyond the configuration (LookSAM's stored direction); SAM: none."""
         return {}
@@ -572,6 +575,12 @@ class LookSAM(SAM):
         _add_scaled_(grads, gv, self.alpha * grad_norm / (self._gv_norm + _NORM_EPS), keep_sources=True)
 
     @override
+    def skip_(self) -> None:
+        """Drop ``g_v``, which may come from a non-finite step; plain steps use ``g`` alone until the next SAM step."""
+        self.__dict__.pop("_gv", None)
+        self.__dict__.pop("_gv_norm", None)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         gv = self.__dict__.get("_gv", self.__dict__.get("_pending"))
         return {"gv": None if gv is None else [t.detach().clone() for t in local(gv)]}
@@ -600,11 +609,13 @@ class WeightBackup:
     def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
         """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
 
+        Groups with ``rho == 0`` stay where they are (their gradients only count in ``||g||``).
+
         On CPU the scale is read to the host, which is free there and saves a pass over the
         gradients; elsewhere the direction is scaled in place, without a host sync.
         """
-        groups = [g for g in groups if g.grads]
-        params = local([p for g in groups for p in g.params])
+        pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
+        params = local([p for g, _ in pairs for p in g.params])
         if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             self._params = params
             self._saved = [torch.empty_like(p) for p in params]
@@ -613,7 +624,7 @@ class WeightBackup:
         with torch.no_grad():
             torch._foreach_copy_(self._saved, params)
             self._holds_copy = True
-            for group, scale in zip(groups, scales):
+            for group, scale in pairs:
                 _add_scaled_(group.params, group.grads, scale)  # w <- w + e
 
     def restore_(self) -> None:

@@ -17,10 +17,11 @@ from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_s
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from typing_extensions import override
 
 from lightning_sam.methods import SAM, ParamGroup, WeightBackup, check_non_negative, global_norm, local
@@ -35,6 +36,8 @@ _WRAPPED_HOOKS = (
     "configure_optimizers",
     "on_before_optimizer_step",
     "on_train_epoch_end",
+    "on_validation_end",
+    "on_before_batch_transfer",
     "on_save_checkpoint",
     "on_load_checkpoint",
 )
@@ -98,7 +101,8 @@ class SAMLightningModule(pl.LightningModule):
 
     A step with a non-finite loss or gradient in either pass is skipped: weights, buffers and
     optimizer state stay as they were, ``global_step`` advances, and ``sam/skipped_steps`` counts it.
-    An exception inside the step leaves weights and buffers as they were before it, then propagates.
+    An exception inside the step (the optimizer's included, if raised before it writes) leaves weights and
+    buffers as they were before it, then propagates.
 
     Args:
         sam: the perturbation rule, :class:`~lightning_sam.SAM` (default ``SAM(rho=0.05)``) or
@@ -186,9 +190,11 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_weights = WeightBackup()
         self._sam_buffers = _BufferBackup()
         self._sam_nonfinite: Tensor | None = None  # any non-finite figure since the last update
-        self._sam_accumulated: list[Tensor] = []  # descent gradients of the earlier micro-batches
+        self._sam_accumulated = _Accumulated()  # descent gradients of the earlier micro-batches
         self._sam_muted = False  # inside the perturbed pass: logging off
         self._sam_schedulers: list[LRSchedulerConfig] = []
+        self._sam_plateau_due: list[LRSchedulerConfig] = []  # per-step plateau schedulers to step next
+        self._sam_epoch_done = False  # the epoch's last batch has run (its epoch schedulers are due)
         self._sam_layout: _ModuleLayout | None = None  # found at the first step of each fit
         for name in _WRAPPED_HOOKS:
             object.__setattr__(self, name, getattr(self, f"_sam_{name}"))
@@ -278,7 +284,7 @@ class SAMLightningModule(pl.LightningModule):
         # Parsed as in automatic optimization, to keep `monitor`/`strict` of ReduceLROnPlateau, which
         # Lightning drops (with a warning) in manual optimization. The mixin steps them itself.
         self._sam_schedulers = _configure_schedulers_automatic_opt(schedulers, monitor)
-        self._sam_layout = None
+        self._sam_layout, self._sam_plateau_due, self._sam_epoch_done = None, [], False  # a new fit
         if not schedulers:
             return conf
         return optimizers, [
@@ -295,7 +301,19 @@ class SAMLightningModule(pl.LightningModule):
 
     def _sam_on_train_epoch_end(self) -> None:
         type(self).on_train_epoch_end(self)
-        self._sam_step_schedulers("epoch", plateau=True)
+        self._sam_step_plateau_due()
+        if self._sam_epoch_done:  # as Lightning: not when the epoch ended early (max_steps)
+            self._sam_epoch_done = False
+            self._sam_step_configs(self._sam_due_schedulers("epoch", plateau=True))
+
+    def _sam_on_validation_end(self) -> None:
+        type(self).on_validation_end(self)
+        self._sam_step_plateau_due()  # after a validation inside the epoch, as Lightning does
+
+    def _sam_on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._trainer is not None and self._trainer.training:
+            self._sam_step_plateau_due()  # the previous batch is over: before the hooks of this one
+        return type(self).on_before_batch_transfer(self, batch, dataloader_idx)
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -316,12 +334,15 @@ class SAMLightningModule(pl.LightningModule):
             self._sam_layout = _ModuleLayout.of(self)
         if not self._sam_layout.step_takes_batch_idx:
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
+        self._sam_step_plateau_due()
         try:
             return self._sam_step(user_step, args, kwargs)
         except BaseException:
             # Nothing is lost: weights and buffers go back to where this update started.
             self._sam_weights.restore_()
             self._sam_buffers.restore_()
+            if self.sam.takes_sam_step(self.trainer.global_step):
+                self.sam.skip_()
             self._sam_reset_update()
             raise
 
@@ -347,11 +368,12 @@ class SAMLightningModule(pl.LightningModule):
             output = user_step(self, *args, **kwargs)
             loss = _loss_of(output)
             self.manual_backward(loss / n if n > 1 and not sam_step else loss)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         shards = local(grads)  # in-place work on FSDP2's local shards; plain tensors otherwise
 
         if sam_step:
-            perturbed_loss = self._sam_ascent_descent(user_step, args, kwargs, optimizer, loss, grads, shards, update)
+            perturbed_loss = self._sam_ascent_descent(user_step, args, kwargs, optimizer, loss, params, shards, update)
             nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & global_norm(grads).isfinite())
         else:
             grad_norm = global_norm(grads)
@@ -362,10 +384,7 @@ class SAMLightningModule(pl.LightningModule):
 
         if not update:
             if sam_step:  # keep this micro-batch's descent gradient aside; the next clean one starts at 0
-                if self._sam_accumulated:
-                    torch._foreach_copy_(self._sam_accumulated, shards)
-                else:
-                    self._sam_accumulated = torch._foreach_clone(shards)
+                self._sam_accumulated.save_(params, shards)
                 torch._foreach_zero_(shards)
             return output
 
@@ -373,12 +392,19 @@ class SAMLightningModule(pl.LightningModule):
         # The step's one host sync; under DDP every replica skips if any must, so weights stay equal.
         if trainer.strategy.reduce_boolean_decision(bool(self._sam_nonfinite), all=False):
             self._sam_skip_update(optimizer.optimizer, shards)
+            if sam_step:
+                method.skip_()
         optimizer.step()
         self._sam_reset_update()
-        self._sam_step_schedulers("step", plateau=False)
-        self._sam_step_schedulers("step", plateau=True)
+        self._sam_step_configs(self._sam_due_schedulers("step", plateau=False))
+        plateau_due = self._sam_due_schedulers("step", plateau=True)
+        if trainer.enable_validation:  # Lightning steps these after a validation that may follow this batch
+            self._sam_plateau_due = plateau_due
+        else:
+            self._sam_step_configs(plateau_due)
         if last_of_epoch:
-            self._sam_step_schedulers("epoch", plateau=False)
+            self._sam_step_configs(self._sam_due_schedulers("epoch", plateau=False))
+            self._sam_epoch_done = True
         if trainer._logger_connector.should_update_logs:
             self.log(SKIPPED_STEPS_KEY, float(self.sam_skipped_steps), on_step=True, on_epoch=False)
         return output
@@ -390,12 +416,13 @@ class SAMLightningModule(pl.LightningModule):
         kwargs: dict,
         optimizer: Any,
         loss: Tensor,
-        grads: list[Tensor],
+        params: list[Tensor],
         shards: list[Tensor],
         update: bool,
     ) -> Tensor:
         """Steps 2-4 of a SAM step: e(w), the perturbed pass at w + e, w restored; returns L(w + e)."""
         method, n = self.sam, self.accumulate_grad_batches
+        grads = [p.grad for p in params]
         method.clean_gradient_(grads)
         rho = method.rho_at(self.trainer.global_step, optimizer.param_groups[0]["lr"])
         groups = self._sam_param_groups(optimizer.optimizer, rho)
@@ -404,10 +431,7 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_weights.perturb_(groups, scales)
         try:
             # the descent gradient adds to those of the earlier micro-batches
-            if self._sam_accumulated:
-                torch._foreach_copy_(shards, self._sam_accumulated)
-            else:
-                torch._foreach_zero_(shards)
+            self._sam_accumulated.load_(params, shards)
             # 3. perturbed pass at w + e
             with self._sam_perturbed_pass(), nullcontext() if update else _no_sync(self.trainer.strategy):
                 perturbed_loss = _loss_of(user_step(self, *args, **kwargs))
@@ -443,7 +467,7 @@ class SAMLightningModule(pl.LightningModule):
 
     def _sam_reset_update(self) -> None:
         self._sam_nonfinite = None
-        self._sam_accumulated = []
+        self._sam_accumulated.discard()
         self._sam_weights.discard()
         self._sam_buffers.discard()
 
@@ -454,18 +478,20 @@ class SAMLightningModule(pl.LightningModule):
         scale = rho / self.sam.rho if self.sam.rho else 1.0  # a schedule scales every group's rho alike
         groups = []
         for group in optimizer.param_groups:
+            # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||
             group_rho = group.get("rho", self.sam.rho) * scale
             params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
-            if group_rho > 0 and params:
+            if params:
                 groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
         return groups
 
     @contextmanager
     def _sam_perturbed_pass(self) -> Iterator[None]:
-        """BatchNorm statistics frozen, logging muted, torchmetrics states restored afterwards."""
+        """Running statistics frozen, logging muted, torchmetrics states restored afterwards."""
         assert self._sam_layout is not None
-        norms, metrics = self._sam_layout.norms, self._sam_layout.metrics
+        norms, metrics, stats = self._sam_layout.norms, self._sam_layout.metrics, self._sam_layout.other_stats
         saved_metrics = _save_metric_states(metrics)
+        saved_stats = torch._foreach_clone(stats) if stats else []
         self._sam_muted = True
         for m in norms:
             m.track_running_stats = False  # batch statistics, running ones untouched
@@ -474,20 +500,35 @@ class SAMLightningModule(pl.LightningModule):
         finally:
             for m in norms:
                 m.track_running_stats = True
+            if stats:  # InstanceNorm and the like update them whatever track_running_stats says
+                torch._foreach_copy_(stats, saved_stats)
             self._sam_muted = False
             _restore_metric_states(saved_metrics)
 
-    def _sam_step_schedulers(self, interval: str, plateau: bool) -> None:
-        """Step the LR schedulers as Lightning's automatic loop (``_update_learning_rates``) would."""
+    def _sam_due_schedulers(self, interval: str, plateau: bool) -> list[LRSchedulerConfig]:
+        """The LR schedulers Lightning's automatic loop (``_update_learning_rates``) would step now."""
         trainer = self.trainer
-        for config in self._sam_schedulers:
-            if config.reduce_on_plateau != plateau or config.interval != interval:
-                continue
-            index = trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch
-            if (index + 1) % config.frequency != 0:
-                continue
+        index = trainer.fit_loop.epoch_loop.batch_idx if interval == "step" else trainer.current_epoch
+        return [
+            c
+            for c in self._sam_schedulers
+            if c.reduce_on_plateau == plateau and c.interval == interval and (index + 1) % c.frequency == 0
+        ]
+
+    def _sam_step_plateau_due(self) -> None:
+        """Step the per-step ReduceLROnPlateau schedulers due since the last update.
+
+        Lightning steps them once the batch is over, after a validation run that may follow it; the
+        next of these comes first: the end of that validation, the next batch, the epoch's end.
+        """
+        due, self._sam_plateau_due = self._sam_plateau_due, []
+        self._sam_step_configs(due)
+
+    def _sam_step_configs(self, configs: list[LRSchedulerConfig]) -> None:
+        trainer = self.trainer
+        for config in configs:
             value = None
-            if plateau:
+            if config.reduce_on_plateau:
                 value = trainer.callback_metrics.get(config.monitor)  # type: ignore[arg-type]
                 if value is None:
                     message = (
@@ -495,7 +536,9 @@ class SAMLightningModule(pl.LightningModule):
                         f"Available metrics are: {sorted(trainer.callback_metrics)}."
                     )
                     if config.strict:
-                        raise KeyError(message + " Log it, or set 'strict': False in the scheduler dict.")
+                        raise MisconfigurationException(
+                            message + " Log it, or set 'strict': False in the scheduler dict."
+                        )
                     warnings.warn(message + " Skipping the LR update (strict=False).", RuntimeWarning, stacklevel=2)
                     continue
             self.lr_scheduler_step(config.scheduler, value)
@@ -504,7 +547,8 @@ class SAMLightningModule(pl.LightningModule):
 class _ModuleLayout(NamedTuple):
     """What the step needs to know about the module, found once per fit (after SyncBatchNorm conversion)."""
 
-    norms: list[_BatchNorm]
+    norms: list[_BatchNorm]  # frozen in the perturbed pass by switching track_running_stats off
+    other_stats: list[Tensor]  # running statistics of other norm layers: put back after the perturbed pass
     metrics: list[torchmetrics.Metric]
     buffers: list[Tensor]  # saved at the start of each update, restored if it is skipped or fails
     step_takes_batch_idx: bool
@@ -524,6 +568,13 @@ class _ModuleLayout(NamedTuple):
                 raise ValueError(f"`only={module.sam.only!r}` selects no parameter of {type(module).__name__}.")
         return cls(
             norms=[m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats],
+            other_stats=[
+                b
+                for m in module.modules()
+                if isinstance(m, _NormBase) and not isinstance(m, _BatchNorm) and m.track_running_stats
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if b is not None
+            ],
             buffers=list(module.buffers()),
             metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
             step_takes_batch_idx=is_param_in_hook_signature(type(module).training_step, "batch_idx", min_args=2),
@@ -553,6 +604,39 @@ class _BufferBackup:
 
     def discard(self) -> None:
         self._valid = False
+
+
+class _Accumulated:
+    """The descent gradients summed over the earlier micro-batches of an update, per parameter."""
+
+    def __init__(self) -> None:
+        self._params: list[Tensor] = []
+        self._sums: list[Tensor] = []
+
+    def save_(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Keep ``grads`` (which already hold the earlier sums, see :meth:`load_`) as the new sums."""
+        if _same(params, self._params):
+            torch._foreach_copy_(self._sums, grads)
+        else:  # first micro-batch, or a parameter got its first gradient in this one
+            self._params, self._sums = params, torch._foreach_clone(grads)
+
+    def load_(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """``grads <- sums`` (zero for parameters without one), before a descent backward adds to them."""
+        if _same(params, self._params):
+            torch._foreach_copy_(grads, self._sums)
+            return
+        torch._foreach_zero_(grads)
+        sums = {id(p): s for p, s in zip(self._params, self._sums)}
+        pairs = [(g, sums[id(p)]) for p, g in zip(params, grads) if id(p) in sums]
+        if pairs:
+            torch._foreach_copy_([g for g, _ in pairs], [s for _, s in pairs])
+
+    def discard(self) -> None:
+        self._params, self._sums = [], []
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _loss_of(output: Any) -> Tensor:

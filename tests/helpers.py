@@ -133,7 +133,8 @@ def reference_sam(
         loss_fn(net(x), y).backward()
         with torch.no_grad():
             for p in net.parameters():
-                clean_grads[p] = p.grad.clone()
+                if p.grad is not None:  # a parameter this micro-batch does not use is not perturbed
+                    clean_grads[p] = p.grad.clone()
             scale_t = {}
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -144,18 +145,19 @@ def reference_sam(
             for group in optimizer.param_groups:
                 group_rho = group.get("rho", rho)
                 for p in group["params"]:
-                    e = group_rho * scale_t[p] ** 2 * clean_grads[p] / (norm + 1e-12)
-                    saved[p] = p.clone()
-                    p.add_(e)
+                    if p in clean_grads:
+                        saved[p] = p.clone()
+                        p.add_(group_rho * scale_t[p] ** 2 * clean_grads[p] / (norm + 1e-12))
         buffers = {name: b.clone() for name, b in net.named_buffers()}
         for p in net.parameters():
             p.grad = None
         (loss_fn(net(x), y) / accumulate).backward()
         with torch.no_grad():
             for p in net.parameters():
-                p.copy_(saved[p])
+                if p in saved:
+                    p.copy_(saved[p])
                 if saved_grads[p] is not None:
-                    p.grad += saved_grads[p]
+                    p.grad = saved_grads[p] if p.grad is None else p.grad + saved_grads[p]
             for name, b in net.named_buffers():
                 b.copy_(buffers[name])
         if (i + 1) % accumulate == 0 or i + 1 == len(batches):

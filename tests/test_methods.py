@@ -89,7 +89,7 @@ def test_weight_backup_restores_bit_for_bit():
     original = w.detach().clone()
     w.grad = torch.tensor([3.0e7, 1e-3, 0.1])
     backup = WeightBackup()
-    group = _group([w], 0.0)
+    group = _group([w], 1.0)
     backup.perturb_([group], [torch.tensor(1.0)])
     assert not torch.equal(w.detach(), original)
     assert not torch.equal(w.detach() - w.grad, original)
@@ -111,10 +111,10 @@ def test_weight_backup_reuses_its_buffer():
     w = torch.ones(3, requires_grad=True)
     w.grad = torch.ones(3)
     backup = WeightBackup()
-    backup.perturb_([_group([w], 0.0)], [torch.tensor(1.0)])
+    backup.perturb_([_group([w], 1.0)], [torch.tensor(1.0)])
     buffer = backup._saved[0]
     backup.restore_()
-    backup.perturb_([_group([w], 0.0)], [torch.tensor(1.0)])
+    backup.perturb_([_group([w], 1.0)], [torch.tensor(1.0)])
     assert backup._saved[0] is buffer
 
 

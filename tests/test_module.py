@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchmetrics
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
 
@@ -15,6 +16,7 @@ from tests.helpers import (
     Classifier,
     Quadratic,
     SAMClassifier,
+    make_data,
     make_loader,
     make_net,
     reference_sam,
@@ -85,6 +87,25 @@ def test_batchnorm_statistics_come_from_the_clean_pass_only():
     torch.testing.assert_close(bn.running_mean, expected.running_mean)
     torch.testing.assert_close(bn.running_var, expected.running_var)
     assert bn.num_batches_tracked.item() == 1
+
+
+def test_instancenorm_statistics_come_from_the_clean_pass_only():
+    # InstanceNorm updates its running statistics whatever track_running_stats says in training
+    class WithInstanceNorm(SAMClassifier):
+        def __init__(self, **kwargs):
+            super().__init__(batchnorm=False, **kwargs)
+            self.norm = nn.InstanceNorm1d(1, track_running_stats=True)
+
+        def forward(self, x):
+            return self.net(self.norm(x.unsqueeze(1)).squeeze(1))
+
+    loader = make_loader(batch_size=16, n=32)
+    model = WithInstanceNorm(sam=SAM(0.5))
+    expected = copy.deepcopy(model.norm)
+    trainer(max_steps=1).fit(model, loader)
+    expected(next(iter(loader))[0].unsqueeze(1))  # the clean forward's update (the input does not depend on w)
+    torch.testing.assert_close(model.norm.running_mean, expected.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.norm.running_var, expected.running_var, rtol=0, atol=0)
 
 
 def test_rho_zero_is_plain_sgd():
@@ -255,11 +276,52 @@ def test_schedulers_step_as_in_automatic_optimization(kind):
     assert len(set(lrs["sam"])) > 1
 
 
+def test_per_step_plateau_on_a_validation_metric_steps_after_that_validation():
+    class PerStep(Scheduled):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return [opt], [{"scheduler": plateau, "interval": "step", "monitor": "val/loss", "strict": False}]
+
+    class SAMPerStep(SAMLightningModule, PerStep):
+        pass
+
+    lrs = {}
+    for name, cls in (("automatic", PerStep), ("sam", SAMPerStep)):
+        record = RecordLR()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no val/loss before the first validation
+            t = trainer(max_epochs=2, callbacks=[record], limit_val_batches=1, val_check_interval=2)
+            t.fit(cls("plateau"), make_loader(batch_size=16), make_loader(batch_size=32))
+        lrs[name] = record.history
+    assert lrs["sam"] == pytest.approx(lrs["automatic"])
+    assert len(set(lrs["sam"])) > 2
+
+
+def test_epoch_plateau_is_not_stepped_when_max_steps_ends_the_epoch_early():
+    class OnTrainLoss(Scheduled):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": plateau, "monitor": "train/loss"}
+
+    class SAMOnTrainLoss(SAMLightningModule, OnTrainLoss):
+        pass
+
+    states = {}
+    for name, model in (("automatic", OnTrainLoss("plateau")), ("sam", SAMOnTrainLoss("plateau", sam=SAM(0.0)))):
+        trainer(max_epochs=5, max_steps=8).fit(model, make_loader(batch_size=16))  # 6 batches per epoch
+        states[name] = model.lr_schedulers().state_dict()
+    assert states["sam"]["last_epoch"] == states["automatic"]["last_epoch"] == 1  # epoch 1 only
+    for key in ("num_bad_epochs", "best", "_last_lr"):
+        assert states["sam"][key] == pytest.approx(states["automatic"][key], rel=1e-5), key
+
+
 def test_plateau_without_the_monitored_metric_raises():
     class NoVal(SAMScheduled):
         validation_step = None
 
-    with pytest.raises(KeyError, match="ReduceLROnPlateau conditioned on metric 'val/loss'"):
+    with pytest.raises(MisconfigurationException, match="ReduceLROnPlateau conditioned on metric 'val/loss'"):
         trainer(max_epochs=1, limit_val_batches=0).fit(NoVal("plateau"), make_loader())
 
 
@@ -312,6 +374,46 @@ def test_accumulation_matches_reference_with_the_same_semantics():
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     reference_sam(reference, opt, loader, rho=0.05, accumulate=3)
     _assert_same_state(_state(model.net), _state(reference), atol=1e-6)
+
+
+class Branching(SAMLightningModule, pl.LightningModule):
+    """A layer used only by batches whose first feature is positive (data-dependent routing)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        torch.manual_seed(0)
+        self.first, self.extra, self.last = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def net_forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.last(torch.tanh(self.extra(h)) if x[0, 0] > 0 else h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net_forward(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_accumulation_with_a_parameter_first_used_in_a_later_micro_batch():
+    data = make_data(n=32)
+    data.tensors[0][0, 0], data.tensors[0][8, 0] = -1.0, 1.0  # micro-batch 1 skips `extra`, 2 uses it
+    data.tensors[0][16, 0], data.tensors[0][24, 0] = 1.0, -1.0
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    model = Branching(sam=SAM(0.05), accumulate_grad_batches=2)
+    reference = copy.deepcopy(model)
+    trainer().fit(model, loader)
+
+    class Net(nn.Module):  # the same parameters, for the plain loop
+        def __init__(self, m):
+            super().__init__()
+            self.first, self.extra, self.last, self.forward = m.first, m.extra, m.last, m.net_forward
+
+    net = Net(reference)
+    reference_sam(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader, rho=0.05, accumulate=2)
+    _assert_same_state(_state(model), _state(net), atol=1e-6)
+    assert not torch.equal(model.extra.weight, Branching().extra.weight)
 
 
 # ---------------------------------------------------------------------------------------------- precision

@@ -5,9 +5,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_sam import GSAM, SAM, LookSAM, RhoSchedule
-from tests.helpers import Quadratic, SAMClassifier, make_loader, trainer
+from tests.helpers import Quadratic, SAMClassifier, make_loader, make_net, trainer
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,9 +190,35 @@ def test_only_by_name_and_per_group_rho_zero():
             return torch.optim.SGD([{"params": first, "rho": 0.0}, {"params": rest}], lr=0.1)
 
     model = FirstLayerFrozen(sam=SAM(0.05))
-    trainer(max_steps=1).fit(model, make_loader(batch_size=16))
+    loader = make_loader(batch_size=16)
+    trainer(max_steps=1).fit(model, loader)
     assert _perturbed(model) == {"1.weight", "1.bias", "3.weight", "3.bias"}  # not net.0
-    assert model.sam_last_step.eps_norm.item() == pytest.approx(0.05, rel=1e-5)
+    # the rho-0 group's gradient still counts in ||g||: e = 0.05 * g / ||g|| on the other groups
+    net = make_net()
+    x, y = next(iter(loader))
+    grads = dict(zip(model.seen[0], torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))))
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    for name in ("1.weight", "1.bias", "3.weight", "3.bias"):
+        e = model.seen[1][name] - model.seen[0][name]
+        torch.testing.assert_close(e, 0.05 * grads[name] / norm, rtol=1e-4, atol=1e-7)
+    assert model.sam_last_step.eps_norm.item() < 0.05
+
+
+def test_looksam_drops_its_direction_when_a_sam_step_is_skipped():
+    class NaNOnce(SAMClassifier):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            NaNOnce.calls += 1
+            return loss * float("nan") if NaNOnce.calls == 2 else loss  # the perturbed pass of step 0
+
+    model = NaNOnce(sam=LookSAM(0.05, k=3, alpha=0.7))
+    with pytest.warns(RuntimeWarning, match="skipped the update at global step 0"):
+        trainer(max_steps=6).fit(model, make_loader(batch_size=16))
+    assert model.sam_skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.sam.__dict__.get("_gv") is not None  # stored again by the SAM step at step 3
 
 
 # ---------------------------------------------------------------------------------------------- resume
