@@ -398,7 +398,7 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_reset_update()
         self._sam_step_configs(self._sam_due_schedulers("step", plateau=False))
         plateau_due = self._sam_due_schedulers("step", plateau=True)
-        if trainer.enable_validation:  # Lightning steps these after a validation that may follow this batch
+        if plateau_due and trainer.enable_validation:  # Lightning steps these after a validation that may follow
             self._sam_plateau_due = plateau_due
         else:
             self._sam_step_configs(plateau_due)
