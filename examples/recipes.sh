@@ -32,4 +32,4 @@ python -m lightning_sam.train experiment=cifar100_wrn28_10_sam data.download=tru
 python -m lightning_sam.train experiment=cifar10_wrn28_10_sam trainer=ddp trainer.devices=4
 
 # DDP on CPU with two gloo processes, to try it without GPUs.
-python -m lightning_sam.train trainer=ddp trainer.accelerator=cpu trainer.devices=2
+python -m lightning_sam.train trainer=ddp_cpu trainer.devices=2

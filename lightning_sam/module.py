@@ -37,7 +37,6 @@ _WRAPPED_HOOKS = (
     "on_before_optimizer_step",
     "on_train_epoch_end",
     "on_validation_end",
-    "on_before_batch_transfer",
     "on_save_checkpoint",
     "on_load_checkpoint",
 )
@@ -224,6 +223,8 @@ class SAMLightningModule(pl.LightningModule):
         # Attached before Lightning validates its loop configuration, so our errors come first.
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._sam_check_trainer(trainer)
+            if not any(isinstance(c, _PlateauClock) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, _PlateauClock())
         pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
 
     def _sam_check_trainer(self, trainer: pl.Trainer) -> None:
@@ -309,11 +310,6 @@ class SAMLightningModule(pl.LightningModule):
     def _sam_on_validation_end(self) -> None:
         type(self).on_validation_end(self)
         self._sam_step_plateau_due()  # after a validation inside the epoch, as Lightning does
-
-    def _sam_on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self._trainer is not None and self._trainer.training:
-            self._sam_step_plateau_due()  # the previous batch is over: before the hooks of this one
-        return type(self).on_before_batch_transfer(self, batch, dataloader_idx)
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -519,7 +515,8 @@ class SAMLightningModule(pl.LightningModule):
         """Step the per-step ReduceLROnPlateau schedulers due since the last update.
 
         Lightning steps them once the batch is over, after a validation run that may follow it; the
-        next of these comes first: the end of that validation, the next batch, the epoch's end.
+        next of these comes first: the end of that validation, the start of the next batch or the end
+        of the epoch (both seen first by :class:`_PlateauClock`, before other callbacks).
         """
         due, self._sam_plateau_due = self._sam_plateau_due, []
         self._sam_step_configs(due)
@@ -542,6 +539,24 @@ class SAMLightningModule(pl.LightningModule):
                     warnings.warn(message + " Skipping the LR update (strict=False).", RuntimeWarning, stacklevel=2)
                     continue
             self.lr_scheduler_step(config.scheduler, value)
+
+
+class _PlateauClock(pl.Callback):
+    """Steps a SAMLightningModule's pending per-step ReduceLROnPlateau schedulers.
+
+    The mixin puts it first among the Trainer's callbacks, so this happens before other callbacks
+    (LearningRateMonitor) look at the learning rate of the next batch or the epoch's end.
+    """
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if isinstance(pl_module, SAMLightningModule):
+            pl_module._sam_step_plateau_due()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module, SAMLightningModule):
+            pl_module._sam_step_plateau_due()
 
 
 class _ModuleLayout(NamedTuple):

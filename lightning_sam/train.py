@@ -24,6 +24,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +64,7 @@ def _enabled(node: Any) -> bool:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the test metrics and where things are."""
     start = time.perf_counter()
+    _check_top_level(cfg)
     pl.seed_everything(cfg.seed, workers=True)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
@@ -71,7 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net = _build(cfg, "model", num_classes=datamodule.num_classes)
     optimizer = _build(cfg, "optimizer")
     scheduler = _build(cfg, "scheduler") if _enabled(cfg.scheduler) else None
+    _check_model_takes_data(cfg, net, datamodule)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    _warn_unreached_milestones(cfg, trainer_cfg)
     step_options = {k: trainer_cfg.pop(k) for k in _MODULE_TRAINER_KEYS if k in trainer_cfg}
     callbacks = [_build(cfg.callbacks, name) for name, node in cfg.callbacks.items() if _enabled(node)]
     loggers = [_build(cfg.logger, name) for name, node in cfg.logger.items() if _enabled(node)]
@@ -102,6 +106,67 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result["minutes"] = (time.perf_counter() - start) / 60
     _print_summary(trainer, result)
     return result
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    """Type checks Hydra cannot do for us, with the key in the message."""
+    checks = [
+        ("seed", cfg.get("seed"), lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+        ("test", cfg.get("test", True), lambda v: isinstance(v, bool), "true or false"),
+        ("trainer.max_epochs", cfg.trainer.get("max_epochs"), lambda v: v is None or _is_int(v, -1), "an int >= -1"),
+        ("trainer.max_steps", cfg.trainer.get("max_steps", -1), lambda v: _is_int(v, -1), "an int >= -1"),
+        ("trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1), lambda v: _is_int(v, 1),
+         "an int >= 1"),
+        ("trainer.gradient_clip_val", cfg.trainer.get("gradient_clip_val"),
+         lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+         "null or a non-negative number"),
+    ]  # fmt: skip
+    for key, value, ok, accepted in checks:
+        if not ok(value):
+            raise ConfigError(f"Expected `{key}` to be {accepted}, got {value!r}.")
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_model_takes_data(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) -> None:
+    """Run the model on two blank samples of the data's shape, so a mismatch fails before training."""
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is None:
+        return
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        choices = _choices(cfg)
+        raise ConfigError(
+            f"model={choices.get('model', '?')} does not take the inputs of data={choices.get('data', '?')} "
+            f"(samples of shape {tuple(shape)}): {err}"
+        ) from err
+    finally:
+        net.train(training)
+
+
+def _warn_unreached_milestones(cfg: DictConfig, trainer_cfg: dict) -> None:
+    milestones = cfg.scheduler.get("milestones") if _enabled(cfg.scheduler) else None
+    max_epochs = trainer_cfg.get("max_epochs")
+    if milestones and isinstance(max_epochs, int) and max_epochs >= 0 and min(milestones) >= max_epochs:
+        log.warning(
+            "scheduler.milestones=%s are all at or beyond trainer.max_epochs=%s: the learning rate never drops. "
+            "Set scheduler.milestones to epochs within the run.",
+            list(milestones),
+            max_epochs,
+        )
+
+
+def _choices(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen option of each config group (``model: cnn1d``, ...), where Hydra knows them."""
+    if HydraConfig.initialized():
+        return dict(HydraConfig.get().runtime.choices)
+    return dict(cfg.get("hydra", {}).get("runtime", {}).get("choices", {}))
 
 
 def _print_summary(trainer: pl.Trainer, result: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ def test_sync_batchnorm_statistics_are_frozen_in_the_perturbed_pass():
 def test_command_line_ddp_on_cpu(tmp_path, mnist1d_dir):
     result = subprocess.run(
         [
-            sys.executable, "-m", "lightning_sam.train", "trainer=ddp", "trainer.accelerator=cpu",
+            sys.executable, "-m", "lightning_sam.train", "trainer=ddp_cpu",
             "trainer.devices=2", "debug=default", f"data.data_dir={mnist1d_dir}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],

@@ -113,6 +113,23 @@ def test_app_passes_accumulation_and_clipping_to_the_module(tmp_path, data_dir):
     assert train(cfg)["global_step"] == 2  # 4 micro-batches, 2 optimizer steps
 
 
+def test_app_run_resumed_at_an_epoch_boundary_equals_the_uninterrupted_one(tmp_path, data_dir):
+    """Shuffled batches included: the order of an epoch depends on (seed, epoch) only."""
+    short = ["debug=default", "scheduler=none", "test=false", "trainer.limit_val_batches=1"]
+
+    def weights(run: Path) -> dict:
+        return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+    train(compose_cfg(tmp_path / "whole", data_dir, *short, "trainer.max_epochs=2"))
+    train(compose_cfg(tmp_path / "first", data_dir, *short, "trainer.max_epochs=1"))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_cfg(tmp_path / "resumed", data_dir, *short, "trainer.max_epochs=2", f"ckpt_path={ckpt}"))
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not all(torch.equal(whole[k], weights(tmp_path / "first")[k]) for k in whole)
+
+
 def test_label_noise_flips_the_stated_fraction_of_training_labels_only(data_dir):
     clean = MNIST1DDataModule(data_dir, label_noise=0.0, seed=3)
     noisy = MNIST1DDataModule(data_dir, label_noise=0.25, seed=3)
@@ -185,12 +202,18 @@ def test_cifar_batches_are_augmented_only_in_training(data_dir):
         ("sam=asam sam.eta=-1", r"`sam.eta` to be a finite, non-negative float"),
         ("data.label_noise=1.0", r"`data.label_noise` to be a fraction in \[0, 1\), got 1.0"),
         ("data.batch_size=0", r"`data.batch_size` to be an int >= 1, got 0"),
-        ("data=cifar10", r"CIFAR-10 is not in data.data_dir=.*data.download=true"),
+        ("data=cifar10 model=resnet18", r"CIFAR-10 is not in data.data_dir=.*data.download=true"),
+        ("data.label_noise=abc", r"`data.label_noise` to be a fraction in \[0, 1\), got 'abc'"),
+        ("seed=abc", r"`seed` to be an int, got 'abc'"),
+        ("test=maybe", r"`test` to be true or false, got 'maybe'"),
+        ("sam=none trainer.accumulate_grad_batches=0", r"`trainer.accumulate_grad_batches` to be an int >= 1, got 0"),
+        ("sam=none trainer.gradient_clip_val=-1", r"`trainer.gradient_clip_val` to be null or a non-negative"),
+        ("model=resnet18", r"model=resnet18 does not take the inputs of data=mnist1d \(samples of shape \(1, 40\)\)"),
     ],
 )
 def test_bad_input_is_named_before_training(tmp_path, data_dir, override, match):
     overrides = override.split()
-    if overrides == ["data=cifar10"]:
+    if overrides[0] == "data=cifar10":
         cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
         with open_dict(cfg):
             cfg.data.data_dir = str(tmp_path / "empty")
@@ -244,3 +267,33 @@ def test_command_line(tmp_path, data_dir):
     )
     assert bad.returncode != 0
     assert "`sam.rho` to be a finite, non-negative float, got -1" in bad.stderr
+
+
+def test_command_line_sweeps_an_experiment_and_keeps_the_last_checkpoint(tmp_path, data_dir):
+    """-m with an experiment (its run directory is resolved before the jobs), and last.ckpt is the last epoch."""
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "lightning_sam.train", "-m", "experiment=mnist1d_label_noise", "sam=sam,none",
+            f"data.data_dir={data_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=2", "optimizer.lr=0.0",
+            "scheduler=none", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false", "callbacks.progress=null",
+        ],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun" / "mnist1d_label_noise").glob("*/[01]"))
+    assert len(runs) == 2 and result.stdout.count("test accuracy:") == 2
+    for run in runs:
+        # lr 0: val/acc never improves after epoch 0, yet last.ckpt must hold the last epoch
+        last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert (last["epoch"], last["global_step"]) == (1, 4)
+
+
+def test_step_milestones_beyond_the_run_are_warned_about(tmp_path, data_dir, caplog):
+    from lightning_sam.train import _warn_unreached_milestones
+
+    cfg = compose_cfg(tmp_path, data_dir, "scheduler=step")  # milestones 60, 120, 160; 30 epochs
+    with caplog.at_level("WARNING", logger="lightning_sam.train"):
+        _warn_unreached_milestones(cfg, {"max_epochs": 30})
+        _warn_unreached_milestones(cfg, {"max_epochs": 200})
+    assert [r.getMessage()[:40] for r in caplog.records] == ["scheduler.milestones=[60, 120, 160] are "]

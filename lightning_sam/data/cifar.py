@@ -160,6 +160,7 @@ class CIFAR10DataModule(SplitDataModule):
         spec = _SPECS[self.which]
         self.data_dir, self.download, self.augment = Path(data_dir), download, augment
         self.num_classes = spec["classes"]
+        self.input_shape = (3, 32, 32)
         self._mean_std = (torch.tensor(spec["mean"]), torch.tensor(spec["std"]))
 
     @override

@@ -42,6 +42,7 @@ class MNIST1DDataModule(SplitDataModule):
     """
 
     num_classes = 10
+    input_shape = (1, 40)
 
     def __init__(self, data_dir: str | Path = "data", **kwargs: int | float) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-__all__ = ["SplitDataModule", "check_split_args", "flip_labels", "split_indices"]
+__all__ = ["EpochShuffle", "SplitDataModule", "check_split_args", "flip_labels", "split_indices"]
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
@@ -35,10 +35,9 @@ def check_split_args(batch_size: int, val_fraction: float, label_noise: float) -
     """Raise a ValueError naming the first invalid argument of a data module."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be an int >= 1, got {batch_size!r}.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"Expected `val_fraction` to be a fraction in [0, 1), got {val_fraction!r}.")
-    if not 0.0 <= label_noise < 1.0:
-        raise ValueError(f"Expected `label_noise` to be a fraction in [0, 1), got {label_noise!r}.")
+    for name, value in (("val_fraction", val_fraction), ("label_noise", label_noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"Expected `{name}` to be a fraction in [0, 1), got {value!r}.")
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +54,38 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return order[n_val:], order[:n_val]
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A random order of ``range(n)`` that depends on ``(seed, epoch)`` only.
+
+    Lightning calls :meth:`set_epoch` before each epoch, so a run resumed from an end-of-epoch
+    checkpoint draws the same batches as the run it continues (a plain ``shuffle=True`` draws from
+    the global random state, which a checkpoint does not hold).
+
+    Example::
+
+        >>> sampler = EpochShuffle(5, seed=0)
+        >>> first = list(sampler); sampler.set_epoch(1); second = list(sampler)
+        >>> sorted(first) == sorted(second) == [0, 1, 2, 3, 4], first != second
+        (True, True)
+        >>> sampler.set_epoch(0); list(sampler) == first
+        True
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` from now on (Lightning calls this at each epoch's start)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class SplitDataModule(pl.LightningDataModule):
     """Base of the app's data modules: ``setup`` fills ``train_set``, ``val_set`` and ``test_set``.
 
@@ -69,6 +100,7 @@ class SplitDataModule(pl.LightningDataModule):
     """
 
     num_classes: int
+    input_shape: tuple[int, ...]  # of one sample, e.g. (1, 40) for MNIST-1D
 
     def __init__(
         self, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.1, label_noise: float = 0.0,
@@ -92,7 +124,11 @@ class SplitDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return self._loader(self.train_set, shuffle=True)  # Lightning's DistributedSampler: (seed, epoch) too
+        # the run's seed (seed_everything) and the epoch decide the order: resuming gives the same batches
+        sampler = EpochShuffle(len(self.train_set), seed=torch.initial_seed() % 2**31)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     @override
     def val_dataloader(self) -> Any:
