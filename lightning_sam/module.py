@@ -641,6 +641,8 @@ class _Accumulated:
             torch._foreach_copy_(grads, self._sums)
             return
         torch._foreach_zero_(grads)
+        if not self._params:  # nothing accumulated yet
+            return
         sums = {id(p): s for p, s in zip(self._params, self._sums)}
         pairs = [(g, sums[id(p)]) for p, g in zip(params, grads) if id(p) in sums]
         if pairs:
