@@ -302,7 +302,6 @@ class SAMLightningModule(pl.LightningModule):
 
     def _sam_on_train_epoch_end(self) -> None:
         type(self).on_train_epoch_end(self)
-        self._sam_step_plateau_due()
         if self._sam_epoch_done:  # as Lightning: not when the epoch ended early (max_steps)
             self._sam_epoch_done = False
             self._sam_step_configs(self._sam_due_schedulers("epoch", plateau=True))
@@ -330,7 +329,6 @@ class SAMLightningModule(pl.LightningModule):
             self._sam_layout = _ModuleLayout.of(self)
         if not self._sam_layout.step_takes_batch_idx:
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
-        self._sam_step_plateau_due()
         try:
             return self._sam_step(user_step, args, kwargs)
         except BaseException:
@@ -369,7 +367,9 @@ class SAMLightningModule(pl.LightningModule):
         shards = local(grads)  # in-place work on FSDP2's local shards; plain tensors otherwise
 
         if sam_step:
-            perturbed_loss = self._sam_ascent_descent(user_step, args, kwargs, optimizer, loss, params, shards, update)
+            perturbed_loss = self._sam_ascent_descent(
+                user_step, args, kwargs, optimizer, loss, params, grads, shards, update
+            )
             nonfinite = ~(loss.isfinite() & perturbed_loss.isfinite() & global_norm(grads).isfinite())
         else:
             grad_norm = global_norm(grads)
@@ -413,12 +413,12 @@ class SAMLightningModule(pl.LightningModule):
         optimizer: Any,
         loss: Tensor,
         params: list[Tensor],
+        grads: list[Tensor],
         shards: list[Tensor],
         update: bool,
     ) -> Tensor:
         """Steps 2-4 of a SAM step: e(w), the perturbed pass at w + e, w restored; returns L(w + e)."""
         method, n = self.sam, self.accumulate_grad_batches
-        grads = [p.grad for p in params]
         method.clean_gradient_(grads)
         rho = method.rho_at(self.trainer.global_step, optimizer.param_groups[0]["lr"])
         groups = self._sam_param_groups(optimizer.optimizer, rho)
