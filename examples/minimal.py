@@ -28,7 +28,9 @@ class Regressor(SAMLightningModule):  # the mixin as the only base
 if __name__ == "__main__":
     x = torch.randn(512, 8)
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin())
-    model = Regressor(sam=SAM(rho=0.05), gradient_clip_val=1.0)
-    trainer = pl.Trainer(max_epochs=5, callbacks=[SharpnessMonitor()], logger=False, enable_checkpointing=False)
+    model = Regressor(sam=SAM(rho=0.05))
+    trainer = pl.Trainer(  # the Trainer as always: clipping, accumulation, precision, callbacks
+        max_epochs=5, gradient_clip_val=1.0, callbacks=[SharpnessMonitor()], logger=False, enable_checkpointing=False
+    )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=32, shuffle=True))
     print({k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()})

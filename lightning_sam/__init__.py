@@ -9,19 +9,22 @@ Example::
 
 import torch
 
+from lightning_sam.backup import WeightBackup
 from lightning_sam.callbacks import SharpnessMonitor
-from lightning_sam.methods import ASAM, GSAM, SAM, LookSAM, ParamGroup, RhoSchedule, WeightBackup, global_norm
-from lightning_sam.module import SAMLightningModule, SAMStepStats
+from lightning_sam.methods import ASAM, GSAM, SAM, LookSAM, ParamGroup, RhoSchedule
+from lightning_sam.module import SAMLightningModule
+from lightning_sam.step import SAMStepStats
+from lightning_sam.tensors import global_norm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ASAM",
     "GSAM",
     "SAM",
     "LookSAM",
-    "RhoSchedule",
     "ParamGroup",
+    "RhoSchedule",
     "SAMLightningModule",
     "SAMStepStats",
     "SharpnessMonitor",
@@ -30,5 +33,5 @@ __all__ = [
     "global_norm",
 ]
 
-# `save_hyperparameters()` may store the method in a checkpoint; let `torch.load(weights_only=True)` read it.
+# Checkpoints written by earlier versions may hold a method object; let `torch.load(weights_only=True)` read them.
 torch.serialization.add_safe_globals([SAM, ASAM, GSAM, LookSAM, RhoSchedule])

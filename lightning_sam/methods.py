@@ -34,15 +34,19 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 from typing_extensions import override
+
+from lightning_sam.tensors import add_scaled_, copy_into, global_dot, global_norm, local, norm_of_norms
 
 __all__ = [
     "ASAM",
@@ -52,10 +56,9 @@ __all__ = [
     "LookSAM",
     "ParamGroup",
     "RhoSchedule",
-    "WeightBackup",
-    "global_dot",
-    "global_norm",
-    "local",
+    "check_non_negative",
+    "method_from_config",
+    "method_to_config",
 ]
 
 # Guards the division by ||g||: a zero gradient gives a zero perturbation, not NaN.
@@ -91,97 +94,6 @@ def check_non_negative(name: str, value: object) -> float:
     return float(value)
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-try:  # FSDP2 shards parameters as DTensors
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-except ImportError:  # torch without distributed support, or before 2.5
-    DTensor = None
-
-
-def local(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The local shards of DTensors (FSDP2), other tensors as they are.
-
-    Elementwise in-place work on the shards is exact and needs no communication.
-
-    Example::
-
-        >>> local([torch.ones(2)])
-        [tensor([1., 1.])]
-    """
-    if DTensor is None:
-        return list(tensors)
-    with torch.no_grad():  # the shard itself, not a differentiable view of it
-        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
-
-def _global_norm(norms: Sequence[Tensor]) -> Tensor:
-    """The norm of a vector of norms (0 when there are none)."""
-    return torch.linalg.vector_norm(torch.stack(list(norms))) if norms else torch.zeros(())
-
-
-def _layout(t: Tensor) -> tuple[tuple, Tensor]:
-    """``((dtype, device mesh, placements), local tensor)``; plain tensors have no mesh."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return (t.dtype, t.device_mesh, t.placements), t.to_local()
-    return (t.dtype, None, None), t
-
-
-def _sum_over_shards(partial: Tensor, mesh: Any, placements: Any) -> Tensor:
-    """All-reduce a sum over the shards of a DTensor layout (nothing to do for plain tensors)."""
-    if mesh is None:
-        return partial
-    layout = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
-    return DTensor.from_local(partial, mesh, layout).full_tensor()
-
-
-def _result_dtype(keys: Any) -> torch.dtype:
-    return torch.float64 if any(key[0] == torch.float64 for key in keys) else torch.float32
-
-
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """The 2-norm of all ``tensors`` together, without a host sync.
-
-    fp16 and bf16 tensors are reduced in float32 (their squares overflow early); the result is
-    float64 if any tensor is, else float32. Sharded DTensors (FSDP2) count whole: their local sums
-    of squares are all-reduced over the shards, one collective per mesh and placement.
-
-    Example::
-
-        >>> global_norm([torch.tensor([3.0]), torch.tensor([[4.0]], dtype=torch.float16)])
-        tensor(5.)
-    """
-    groups: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        key, x = _layout(t)
-        groups.setdefault(key, []).append(x)
-    out = _result_dtype(groups)
-    squares = []
-    for (dtype, mesh, placements), xs in groups.items():
-        norms = torch._foreach_norm(xs, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
-        squares.append(_sum_over_shards(torch.stack(norms).to(out).square().sum(), mesh, placements))
-    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=out)
-
-
-def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """The inner product of two lists of tensors, each taken as one vector, like :func:`global_norm`.
-
-    Example::
-
-        >>> global_dot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
-        tensor(11.)
-    """
-    groups: dict[tuple, list[Tensor]] = {}
-    for x, y in zip(a, b):
-        key, x_local = _layout(x)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dot = torch.vdot(x_local.reshape(-1).to(acc), _layout(y)[1].reshape(-1).to(acc))
-        groups.setdefault(key, []).append(dot)
-    out = _result_dtype(groups)
-    sums = [_sum_over_shards(torch.stack(d).to(out).sum(), mesh, pl) for (_, mesh, pl), d in groups.items()]
-    return torch.stack(sums).sum() if sums else torch.zeros((), dtype=out)
-
-
 class Ascent(NamedTuple):
     """What :meth:`SAM.ascent_` found: ``e = scales[j] * grads`` of group ``j`` (0-dim tensors, no host sync)."""
 
@@ -191,30 +103,6 @@ class Ascent(NamedTuple):
     """||e||."""
     scales: list[Tensor]
     """One per group (groups without gradients are left out)."""
-
-
-def _copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tensor]:
-    """Copy ``tensors`` into ``buffer`` (allocated like them when missing or of another layout)."""
-    if buffer is None or len(buffer) != len(tensors) or any(b.shape != t.shape for b, t in zip(buffer, tensors)):
-        buffer = [torch.empty_like(t) for t in tensors]
-    torch._foreach_copy_(local(buffer), local(tensors))
-    return buffer
-
-
-def _add_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Tensor, keep_sources: bool = False) -> None:
-    """``targets += scale * sources`` in place, on local shards.
-
-    On CPU the scale is read to the host, which is free there and saves a pass; elsewhere the
-    sources are scaled without a host sync, in place unless ``keep_sources`` (then in a temporary).
-    """
-    targets, sources = local(targets), local(sources)
-    if scale.device.type == "cpu":
-        torch._foreach_add_(targets, sources, alpha=scale.item())
-    elif keep_sources:
-        torch._foreach_add_(targets, torch._foreach_mul(sources, scale))
-    else:
-        torch._foreach_mul_(sources, scale)
-        torch._foreach_add_(targets, sources)
 
 
 _NORM_LAYERS = (
@@ -394,25 +282,44 @@ class SAM:
         """
         groups = [g for g in groups if g.grads]
         group_norms = [global_norm(g.grads) for g in groups]
-        grad_norm = _global_norm(group_norms)
+        grad_norm = norm_of_norms(group_norms)
         inv = 1.0 / (grad_norm + _NORM_EPS)
         scales = [inv * g.rho for g in groups]  # e = rho * g / ||g||: the direction is g itself
-        return Ascent(grad_norm, _global_norm([n * s for n, s in zip(group_norms, scales)]), scales)
+        return Ascent(grad_norm, norm_of_norms([n * s for n, s in zip(group_norms, scales)]), scales)
+
+    def bind_(self, params: Sequence[Tensor]) -> None:
+        """Learn the parameters this method will see, in a stable order (the optimizer's).
+
+        Called once per fit, after a checkpoint was loaded. Per-parameter state (LookSAM's ``g_v``)
+        is checkpointed by position in this list; SAM keeps nothing.
+        """
 
     @torch.no_grad()
-    def clean_gradient_(self, grads: list[Tensor]) -> None:
-        """See the clean gradient of every parameter, right after the clean backward.
+    def clean_gradient_(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """See the clean gradient ``g`` right after the clean backward (``grads[i]`` of ``params[i]``).
 
-        Methods whose descent uses it (``uses_clean_gradient``) keep a copy in ``self._clean``.
+        Methods whose descent uses it (``uses_clean_gradient``) keep a copy, paired with its parameters.
         """
         if self.uses_clean_gradient:
-            self._clean = _copy_into(self.__dict__.get("_clean"), grads)
+            self._clean_params = list(params)
+            self._clean = copy_into(self.__dict__.get("_clean"), list(grads))
 
-    def descent_(self, grads: list[Tensor]) -> None:
-        """Adjust the descent gradient after the perturbed backward, in place; SAM: nothing."""
+    def descent_(self, params: Sequence[Tensor]) -> None:
+        """Adjust the descent gradient after the perturbed backward; SAM: nothing.
 
-    def plain_descent_(self, grads: list[Tensor], grad_norm: Tensor) -> None:
-        """Adjust the gradient (of norm ``grad_norm``) of a plain step, in place; SAM: nothing."""
+        Args:
+            params: every parameter of the step; ``p.grad`` is the perturbed gradient ``g_p`` (``None``
+                where the perturbed pass did not reach ``p``). A method may write ``p.grad``, and
+                give a gradient to a parameter that had none.
+        """
+
+    def plain_descent_(self, params: Sequence[Tensor], grad_norm: Tensor) -> None:
+        """Adjust the gradients of a plain step in place; SAM: nothing.
+
+        Args:
+            params: the parameters with a gradient ``g`` now.
+            grad_norm: ``||g||`` over them.
+        """
 
     def skip_(self) -> None:
         """The update of a SAM step was skipped or failed: forget what :meth:`descent_` stored; SAM: nothing."""
@@ -459,12 +366,12 @@ class ASAM(SAM):
         for group, t in zip(groups, scalings):
             torch._foreach_add_(t, self.eta)
             torch._foreach_mul_(local(group.grads), t)  # g <- T g
-        grad_norm = _global_norm([global_norm(g.grads) for g in groups])
+        grad_norm = norm_of_norms([global_norm(g.grads) for g in groups])
         for group, t in zip(groups, scalings):
             torch._foreach_mul_(local(group.grads), t)  # g <- T^2 g
         inv = 1.0 / (grad_norm + _NORM_EPS)
         scales = [inv * g.rho for g in groups]  # e = rho * T^2 g / ||T g||
-        eps_norm = _global_norm([global_norm(g.grads) * s for g, s in zip(groups, scales)])
+        eps_norm = norm_of_norms([global_norm(g.grads) * s for g, s in zip(groups, scales)])
         return Ascent(grad_norm, eps_norm, scales)
 
 
@@ -502,13 +409,27 @@ class GSAM(SAM):
         return f"rho={self.rho}, alpha={self.alpha}"
 
     @torch.no_grad()
-    def descent_(self, grads: list[Tensor]) -> None:
-        """``g_p <- g_p - alpha * g_perp``, written as ``(1 + alpha c) g_p - alpha g``, c = g.g_p / ||g_p||^2."""
+    def descent_(self, params: Sequence[Tensor]) -> None:
+        """``g_p <- g_p - alpha * g_perp``, written as ``(1 + alpha c) g_p - alpha g``, c = g.g_p / ||g_p||^2.
+
+        On whole-model vectors: a parameter missing from one pass counts as 0 there, so one with a
+        clean gradient only descends along ``-alpha g``.
+        """
         if self.alpha == 0:
             return
-        c = global_dot(self._clean, grads) / (global_norm(grads).square() + _NORM_EPS)
-        torch._foreach_mul_(local(grads), 1.0 + self.alpha * c)
-        torch._foreach_add_(local(grads), local(self._clean), alpha=-self.alpha)
+        clean = dict(zip(map(id, self._clean_params), self._clean))
+        perturbed = [p for p in params if p.grad is not None]
+        both = [(clean[id(p)], p.grad) for p in perturbed if id(p) in clean]
+        g_p = [p.grad for p in perturbed]
+        c = global_dot([g for g, _ in both], [gp for _, gp in both]) / (global_norm(g_p).square() + _NORM_EPS)
+        if g_p:
+            torch._foreach_mul_(local(g_p), 1.0 + self.alpha * c)
+        if both:
+            torch._foreach_add_(local([gp for _, gp in both]), local([g for g, _ in both]), alpha=-self.alpha)
+        reached = {id(p) for p in perturbed}
+        for p, g in zip(self._clean_params, self._clean):
+            if id(p) not in reached:  # g_p = 0 here: d = -alpha g
+                p.grad = g * -self.alpha
 
 
 class LookSAM(SAM):
@@ -549,90 +470,135 @@ class LookSAM(SAM):
     def takes_sam_step(self, step: int) -> bool:
         return step % self.k == 0
 
-    @torch.no_grad()
-    def descent_(self, grads: list[Tensor]) -> None:
-        """Store ``g_v`` from ``g_s`` (the gradients) and ``g``; the descent itself is SAM's."""
-        clean = self._clean
-        c = global_dot(clean, grads) / (global_norm(clean).square() + _NORM_EPS)
-        torch._foreach_mul_(local(clean), c)  # the clean copy is not needed after this
-        gv = _copy_into(self.__dict__.get("_gv"), grads)
-        torch._foreach_sub_(local(gv), local(clean))
-        self._gv, self._gv_norm = gv, global_norm(gv)
-
-    @torch.no_grad()
-    def plain_descent_(self, grads: list[Tensor], grad_norm: Tensor) -> None:
-        """``g <- g + alpha * (||g|| / ||g_v||) * g_v`` (nothing before the first SAM step)."""
+    @override
+    def bind_(self, params: Sequence[Tensor]) -> None:
+        self._bound = list(params)
         pending = self.__dict__.pop("_pending", None)
         if pending is not None:
-            if len(pending) != len(grads) or any(p.shape != g.shape for p, g in zip(pending, grads)):
-                raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
-            self._gv = _copy_into(None, grads)
-            torch._foreach_copy_(local(self._gv), [p.to(g.device) for p, g in zip(pending, local(grads))])
-            self._gv_norm = global_norm(self._gv)
-        gv = self.__dict__.get("_gv")
-        if gv is None or self.alpha == 0:
+            self._restore(pending)
+
+    @torch.no_grad()
+    def descent_(self, params: Sequence[Tensor]) -> None:
+        """Store ``g_v = g_s - (g . g_s / ||g||^2) g`` per parameter (a missing gradient counts as 0).
+
+        The descent itself is along ``g_s``.
+        """
+        clean = dict(zip(map(id, self._clean_params), self._clean))
+        perturbed = [p for p in params if p.grad is not None]
+        both = [(clean[id(p)], p.grad) for p in perturbed if id(p) in clean]
+        c = global_dot([g for g, _ in both], [gs for _, gs in both]) / (global_norm(self._clean).square() + _NORM_EPS)
+        torch._foreach_mul_(local(self._clean), c)  # c g; the clean copy is not needed after this
+        gv = {id(p): p.grad.clone() for p in perturbed}  # g_s
+        for p, cg in zip(self._clean_params, self._clean):
+            if id(p) in gv:
+                local([gv[id(p)]])[0].sub_(local([cg])[0])
+            else:
+                gv[id(p)] = -cg
+        order = [p for p in self.__dict__.get("_bound", [*perturbed, *self._clean_params]) if id(p) in gv]
+        order = list({id(p): p for p in order}.values())  # unbound: each parameter once
+        self._gv_params, self._gv = order, [gv[id(p)] for p in order]
+        self._gv_norm = global_norm(self._gv)
+
+    @torch.no_grad()
+    def plain_descent_(self, params: Sequence[Tensor], grad_norm: Tensor) -> None:
+        """``g <- g + alpha * (||g|| / ||g_v||) * g_v``, each parameter with its own stored ``g_v`` (none: ``g``)."""
+        if self.__dict__.get("_gv") is None or self.alpha == 0:
             return
-        _add_scaled_(grads, gv, self.alpha * grad_norm / (self._gv_norm + _NORM_EPS), keep_sources=True)
+        stored = dict(zip(map(id, self._gv_params), self._gv))
+        pairs = [(p.grad, stored[id(p)]) for p in params if id(p) in stored]
+        if pairs:
+            scale = self.alpha * grad_norm / (self._gv_norm + _NORM_EPS)
+            add_scaled_([g for g, _ in pairs], [v for _, v in pairs], scale, keep_sources=True)
 
     @override
     def skip_(self) -> None:
         """Drop ``g_v``, which may come from a non-finite step; plain steps use ``g`` alone until the next SAM step."""
-        self.__dict__.pop("_gv", None)
-        self.__dict__.pop("_gv_norm", None)
+        for name in ("_gv", "_gv_params", "_gv_norm"):
+            self.__dict__.pop(name, None)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        gv = self.__dict__.get("_gv", self.__dict__.get("_pending"))
-        return {"gv": None if gv is None else [t.detach().clone() for t in local(gv)]}
+        if "_pending" in self.__dict__:
+            return self._pending
+        if self.__dict__.get("_gv") is None:
+            return {"gv": None}
+        index = {id(p): i for i, p in enumerate(self.__dict__.get("_bound", self._gv_params))}
+        return {
+            "gv": [t.detach().clone() for t in local(self._gv)],
+            "index": [index[id(p)] for p in self._gv_params],
+        }
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.pop("_gv", None)
-        if state.get("gv") is not None:
-            self._pending = state["gv"]
-
-
-class WeightBackup:
-    """Moves weights to ``w + e`` and back, restoring them bit for bit.
-
-    The saved copy is the one parameter-sized buffer SAM needs beyond plain training; it is
-    allocated on first use and reused while the set of perturbed tensors stays the same. It holds
-    ``w`` until :meth:`discard`, so :meth:`restore_` can also undo an optimizer step that failed
-    half-way.
-    """
-
-    def __init__(self) -> None:
-        self._params: list[Tensor] = []
-        self._saved: list[Tensor] = []
-        self._holds_copy = False
-
-    def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
-        """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
-
-        Groups with ``rho == 0`` stay where they are (their gradients only count in ``||g||``).
-
-        On CPU the scale is read to the host, which is free there and saves a pass over the
-        gradients; elsewhere the direction is scaled in place, without a host sync.
-        """
-        pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
-        params = local([p for g, _ in pairs for p in g.params])
-        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
-            self._params = params
-            self._saved = [torch.empty_like(p) for p in params]
-        if not params:
+        self.skip_()
+        if state.get("gv") is None:
             return
+        if self.__dict__.get("_bound"):
+            self._restore(state)
+        else:  # before the fit binds the parameters
+            self._pending = state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved, bound = state["gv"], self._bound
+        index = state.get("index", range(len(saved)))  # older checkpoints: every parameter, in order
+        if len(index) != len(saved) or any(i >= len(bound) for i in index):
+            raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
+        params = [bound[i] for i in index]
+        if any(local([p])[0].shape != t.shape for p, t in zip(params, saved)):
+            raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
+        self._gv_params = params
+        self._gv = [torch.empty_like(p) for p in params]
         with torch.no_grad():
-            torch._foreach_copy_(self._saved, params)
-            self._holds_copy = True
-            for group, scale in pairs:
-                _add_scaled_(group.params, group.grads, scale)  # w <- w + e
+            torch._foreach_copy_(local(self._gv), [t.to(p.device) for t, p in zip(saved, local(self._gv))])
+        self._gv_norm = global_norm(self._gv)
 
-    def restore_(self) -> None:
-        """``w <- saved w``; does nothing when no copy is held."""
-        if self._holds_copy and self._params:
-            with torch.no_grad():
-                torch._foreach_copy_(self._params, self._saved)
 
-    def discard(self) -> None:
-        """Forget the copy (the step is over); the buffer is kept for the next step."""
-        self._holds_copy = False
+def method_to_config(method: SAM) -> dict[str, Any]:
+    """A method as plain data, in LightningCLI's ``class_path``/``init_args`` form (YAML- and ``weights_only``-safe).
+
+    Example::
+
+        >>> method_to_config(ASAM(rho=0.5, eta=0.01))["init_args"]["eta"]
+        0.01
+    """
+    args: dict[str, Any] = {}
+    for key, value in method._config().items():
+        if isinstance(value, RhoSchedule):
+            value = {"class_path": _class_path(value), "init_args": dataclasses.asdict(value)}
+        args[key] = value
+    return {"class_path": _class_path(method), "init_args": args}
+
+
+def method_from_config(config: Mapping[str, Any]) -> SAM:
+    """The method that :func:`method_to_config` described (``class_path`` must name a :class:`SAM` subclass).
+
+    Example::
+
+        >>> method_from_config({"class_path": "lightning_sam.ASAM", "init_args": {"rho": 1.0}})
+        ASAM(rho=1.0, eta=0.01)
+    """
+    if not isinstance(config, Mapping) or not isinstance(config.get("class_path"), str):
+        raise TypeError(f"Expected a method config {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}.")
+    cls = _resolve(config["class_path"], SAM)
+    args = dict(config.get("init_args") or {})
+    schedule = args.get("rho_schedule")
+    if isinstance(schedule, Mapping):
+        args["rho_schedule"] = _resolve(schedule["class_path"], RhoSchedule)(**schedule.get("init_args", {}))
+    return cls(**args)
+
+
+def _class_path(obj: object) -> str:
+    cls = type(obj)
+    module = "lightning_sam" if cls.__module__ == __name__ else cls.__module__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _resolve(path: str, base: type) -> Any:
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Expected `class_path` to name a {base.__name__} class, got {path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"Expected `class_path` to name a {base.__name__} class, got {path!r}.")
+    return cls

@@ -37,7 +37,6 @@ __all__ = ["load_run", "main", "train"]
 log = logging.getLogger(__name__)
 
 # Lightning refuses these in manual optimization; with SAM they go to the module instead.
-_MODULE_TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 
 
 class ConfigError(ValueError):
@@ -76,17 +75,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _check_model_takes_data(cfg, net, datamodule)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     _warn_unreached_milestones(cfg, trainer_cfg)
-    step_options = {k: trainer_cfg.pop(k) for k in _MODULE_TRAINER_KEYS if k in trainer_cfg}
     callbacks = [_build(cfg.callbacks, name) for name, node in cfg.callbacks.items() if _enabled(node)]
     loggers = [_build(cfg.logger, name) for name, node in cfg.logger.items() if _enabled(node)]
     datamodule.prepare_data()  # generates MNIST-1D, or finds (or downloads) the CIFAR archive
 
     if use_sam:
-        model: Classifier = SAMClassifier(net, datamodule.num_classes, optimizer, scheduler, sam=sam, **step_options)
+        model: Classifier = SAMClassifier(net, datamodule.num_classes, optimizer, scheduler, sam=sam)
     else:
         model = Classifier(net, datamodule.num_classes, optimizer, scheduler)
         callbacks = [c for c in callbacks if not isinstance(c, SharpnessMonitor)]
-        trainer_cfg.update({k: v for k, v in step_options.items() if v is not None})
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
     trainer.fit(model, datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -5,6 +5,7 @@ the second process by running this script again, so it must not run under pytest
 
 MODE: ``local`` (each replica its own e), ``sync`` (sync_perturbation=True), ``accumulate``
 (local, accumulate_grad_batches=2), ``syncbn`` (local, BatchNorm converted to SyncBatchNorm),
+``accumulate_sync`` (sync_perturbation=True, accumulate_grad_batches=2),
 ``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error),
 ``static_sync`` (static_graph=True with sync_perturbation=True: works),
 ``fsdp2`` (ModelParallelStrategy with fully_shard: e from the reduced gradient).
@@ -64,8 +65,7 @@ def main(out: Path, mode: str) -> None:
     model = (ShardedClassifier if mode == "fsdp2" else SAMClassifier)(
         sam=SAM(0.05),
         batchnorm=mode == "syncbn",
-        sync_perturbation=mode in ("sync", "static_sync"),
-        accumulate_grad_batches=2 if mode == "accumulate" else 1,
+        sync_perturbation=mode in ("sync", "static_sync", "accumulate_sync"),
     )
     gpu = mode == "syncbn"  # SyncBatchNorm needs GPUs (benchmarks/gpu_checks.py runs it)
     strategy = DDPStrategy(
@@ -84,6 +84,7 @@ def main(out: Path, mode: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         sync_batchnorm=mode == "syncbn",
+        accumulate_grad_batches=2 if mode.startswith("accumulate") else 1,
         log_every_n_steps=2,
         callbacks=[SharpnessMonitor(), record]
         + ([] if mode in ("static", "static_sync", "fsdp2") else [CountAllreduces()]),

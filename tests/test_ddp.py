@@ -50,12 +50,12 @@ def _simulate(mode: str) -> torch.nn.Module:
     x, y = make_data(n=64).tensors
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     batches = [[order[r::2][b * 8 : (b + 1) * 8] for r in (0, 1)] for b in range(4)]
-    micro = 2 if mode == "accumulate" else 1
+    micro = 2 if mode.startswith("accumulate") else 1
     for start in range(0, 4, micro):
         descent = [torch.zeros_like(p) for p in net.parameters()]
         for per_rank in batches[start : start + micro]:
             clean = [_grads(net, x[i], y[i]) for i in per_rank]
-            if mode == "sync":
+            if mode in ("sync", "accumulate_sync"):
                 mean = [(a + b) / 2 for a, b in zip(*clean)]
                 clean = [mean, mean]
             for i, g in zip(per_rank, clean):
@@ -69,21 +69,36 @@ def _simulate(mode: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("mode", "allreduces"),
-    [("local", 4), ("sync", 8), ("accumulate", 2), ("static_sync", None), ("fsdp2", None)],
-    ids=["each-replica-its-own-e", "synchronized-e", "accumulation", "static-graph-synchronized-e", "fsdp2"],
+    [
+        ("local", 4),
+        ("sync", 8),
+        ("accumulate", 2),
+        ("accumulate_sync", 4),
+        ("static_sync", None),
+        ("fsdp2", None),
+    ],
+    ids=[
+        "each-replica-its-own-e",
+        "synchronized-e",
+        "accumulation",
+        "accumulation-synchronized-e",
+        "static-graph-synchronized-e",
+        "fsdp2",
+    ],
 )
 def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, allreduces):
     result = _run(tmp_path, mode)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == (2 if mode == "accumulate" else 4)
+    accumulating = mode.startswith("accumulate")
+    assert ranks[0]["steps"] == ranks[1]["steps"] == (2 if accumulating else 4)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key  # both replicas end identical
     if allreduces is not None:  # one gradient bucket: one all-reduce per synchronized backward
         assert ranks[0]["allreduces"] == allreduces
     # sam/* are logged on logging steps only (every 2nd here), as the mean over the ranks
     rows = [ranks[r]["sharpness"] for r in (0, 1)]
-    assert [step for step, *_ in rows[0]] == [2, 4] if mode != "accumulate" else [1, 2]
+    assert [step for step, *_ in rows[0]] == ([1, 2] if accumulating else [2, 4])
     for (_, own0, logged0), (_, own1, logged1) in zip(*rows):
         assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5) == pytest.approx(logged1, rel=1e-5)
     # FSDP2 reduce-scatters every backward, so e comes from the averaged gradient

@@ -264,12 +264,25 @@ def test_resume_with_looksam_state_is_exact(tmp_path):
         (lambda: RhoSchedule("linear", total_steps=5, warmup_steps=5), ValueError, r"`total_steps` to be an int >= 6"),
         (lambda: RhoSchedule("lr"), ValueError, r"`lr_max` to be a float > lr_min"),
         (lambda: RhoSchedule(rho_min=-1.0), ValueError, r"`rho_min` to be a finite, non-negative float"),
-        (lambda: SAMClassifier(sam=GSAM(), accumulate_grad_batches=2), ValueError, r"GSAM .* does not support"),
     ],
 )
 def test_invalid_arguments(factory, error, match):
     with pytest.raises(error, match=match):
         factory()
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["trainer", "accumulation-scheduler"])
+def test_methods_using_the_clean_gradient_refuse_accumulation_before_training(schedule):
+    model = SAMClassifier(sam=GSAM())
+    before = _state(model)
+    kwargs = (
+        {"callbacks": [pl.callbacks.GradientAccumulationScheduler({0: 1, 2: 4})]}
+        if schedule
+        else {"accumulate_grad_batches": 2}
+    )
+    with pytest.raises(ValueError, match=r"GSAM combines .* does not support `accumulate_grad_batches=(2|4)`"):
+        trainer(**kwargs).fit(model, make_loader())
+    _assert_same(before, _state(model))
 
 
 def test_only_that_selects_nothing():
@@ -281,7 +294,7 @@ def test_methods_are_picklable_and_compare_by_configuration():
     import pickle
 
     method = GSAM(0.05, alpha=0.2, rho_schedule=RhoSchedule("lr", lr_max=0.1))
-    method.clean_gradient_([torch.ones(3)])  # a buffer is not part of the configuration
+    method.clean_gradient_([torch.ones(3)], [torch.ones(3)])  # a buffer is not part of the configuration
     clone = pickle.loads(pickle.dumps(method))
     assert clone == method == GSAM(0.05, alpha=0.2, rho_schedule=RhoSchedule("lr", lr_max=0.1))
     assert "_clean" not in vars(clone)

@@ -1,0 +1,75 @@
+"""Every access to a private name of Lightning, torch or torchmetrics, gathered in one place.
+
+Checked against lightning 2.6.6, torch 2.13.0 and torchmetrics 1.9.0. Each function says what it
+relies on; ``tests/test_compat.py`` pins each of them down, so an upgrade that breaks one fails there
+first. torch's ``torch._foreach_*`` kernels are used throughout the package as the documented fast
+path for lists of tensors (``torch.optim`` uses them the same way) and are not repeated here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+__all__ = [
+    "BatchNormBase",
+    "NormBase",
+    "grad_sync",
+    "loss_scale",
+    "metric_counters",
+    "set_metric_counters",
+    "should_update_logs",
+]
+
+#: Base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy variants (torch.nn.modules.batchnorm).
+BatchNormBase = _BatchNorm
+#: Base of every layer with running statistics: the BatchNorms and the InstanceNorms.
+NormBase = _NormBase
+
+
+def should_update_logs(trainer: Any) -> bool:
+    """Whether the Trainer hands step metrics to its loggers now (``log_every_n_steps``).
+
+    Lightning keeps this decision on its private logger connector.
+    """
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def loss_scale(scaler: Any) -> Tensor:
+    """A GradScaler's current scale as a tensor, without a host sync (``GradScaler._get_scale_async``)."""
+    return scaler._get_scale_async()
+
+
+def metric_counters(metric: Any) -> tuple[int, Any]:
+    """What a torchmetrics ``Metric`` counts besides its states: its update count and cached result."""
+    return metric._update_count, metric._computed
+
+
+def set_metric_counters(metric: Any, counters: tuple[int, Any]) -> None:
+    """Put back what :func:`metric_counters` returned."""
+    metric._update_count, metric._computed = counters
+
+
+@contextmanager
+def grad_sync(model: Any, enabled: bool) -> Iterator[None]:
+    """Switch DistributedDataParallel's gradient all-reduce on or off for the forward/backward inside.
+
+    ``DistributedDataParallel.no_sync`` only switches it off; the SAM step needs it on again for the
+    perturbed pass of the last micro-batch, which Lightning runs inside its own ``no_sync`` when
+    accumulating. Both read the public attribute ``require_backward_grad_sync`` at forward time.
+    Models that are not DDP are left alone (FSDP2 reduce-scatters in every backward).
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        yield
+        return
+    previous = model.require_backward_grad_sync
+    model.require_backward_grad_sync = enabled
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = previous

@@ -1,0 +1,349 @@
+"""One SAM update of one optimizer: clean pass, ``e(w)``, perturbed pass, ``w`` restored, safety checks.
+
+Pure torch (no Lightning import). The caller runs the passes its own way (the mixin through
+Lightning's closure and strategy, :func:`lightning_sam.sam_step` through ``manual_backward``) and
+hands them in as callables; this module owns what must be the same everywhere: which parameters
+are perturbed and by how much, what is frozen during the perturbed pass, and what a skipped or
+failed update puts back.
+
+An update spans the micro-batches of one optimizer step:
+
+1. :meth:`SAMUpdate.open_` (first micro-batch): save the buffers, decide SAM or plain step;
+2. per micro-batch of a SAM step, :meth:`SAMUpdate.ascend_` (clean backward at ``w``, then
+   ``w <- w + e``) and :meth:`SAMUpdate.descend_` (perturbed pass, then ``w`` restored);
+3. :meth:`SAMUpdate.close_` before the optimizer step: the plain step's descent, the finite check,
+   the skip; :meth:`SAMUpdate.end_` after it, or :meth:`SAMUpdate.abort_` on an exception.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+import torchmetrics
+from torch import Tensor
+
+from lightning_sam._compat import BatchNormBase, NormBase
+from lightning_sam.backup import BufferBackup, GradientStash, MetricStates, WeightBackup
+from lightning_sam.methods import SAM, ParamGroup, check_non_negative
+from lightning_sam.tensors import global_norm, local
+
+__all__ = ["SKIPPED_STEPS_KEY", "ModuleLayout", "SAMStepStats", "SAMUpdate", "check_param_groups"]
+
+SKIPPED_STEPS_KEY = "sam/skipped_steps"
+
+
+class SAMStepStats(NamedTuple):
+    """What the last SAM step measured, as 0-dim tensors on the model's device (no host sync).
+
+    With gradient accumulation these are the last micro-batch's figures.
+    """
+
+    loss: Tensor
+    """L(w), the clean loss."""
+    perturbed_loss: Tensor
+    """L(w + e), the loss at the perturbed weights."""
+    grad_norm: Tensor
+    """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||)."""
+    eps_norm: Tensor
+    """||e||, the length of the ascent step (at most rho)."""
+    rho: float
+    """The method's rho at this step."""
+
+    @property
+    def sharpness(self) -> Tensor:
+        """L(w + e) - L(w)."""
+        return self.perturbed_loss - self.loss
+
+    def as_dict(self) -> dict[str, Tensor | float]:
+        """The figures under their logged names."""
+        return {
+            "sam/sharpness": self.sharpness,
+            "sam/perturbed_loss": self.perturbed_loss,
+            "sam/eps_norm": self.eps_norm,
+            "sam/grad_norm": self.grad_norm,
+            "sam/rho": self.rho,
+        }
+
+
+class ModuleLayout(NamedTuple):
+    """What an update needs to know about the module, found once per fit (after SyncBatchNorm conversion)."""
+
+    norms: list[torch.nn.Module]  # BatchNorms: frozen in the perturbed pass by switching track_running_stats off
+    other_stats: list[Tensor]  # running statistics of other norm layers: put back after the perturbed pass
+    metrics: list[torchmetrics.Metric]  # states put back after the perturbed pass
+    buffers: list[Tensor]  # saved at the start of each update, restored if it is skipped or fails
+    selected: frozenset[int] | None  # ids of the parameters to perturb (None: all)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, method: SAM) -> ModuleLayout:
+        """Look ``module`` over for ``method``."""
+        selected = None
+        if method.only is not None:
+            selected = frozenset(
+                id(p)
+                for prefix, m in module.named_modules()
+                for name, p in m.named_parameters(prefix=prefix, recurse=False)
+                if method.selects(name, m)
+            )
+            if not selected:
+                raise ValueError(f"`only={method.only!r}` selects no parameter of {type(module).__name__}.")
+        return cls(
+            norms=[m for m in module.modules() if isinstance(m, BatchNormBase) and m.track_running_stats],
+            other_stats=[
+                b
+                for m in module.modules()
+                if isinstance(m, NormBase) and not isinstance(m, BatchNormBase) and m.track_running_stats
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if b is not None
+            ],
+            metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
+            buffers=list(module.buffers()),
+            selected=selected,
+        )
+
+
+def check_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Raise if a param group carries an invalid ``"rho"``."""
+    for i, group in enumerate(optimizer.param_groups):
+        if "rho" in group:
+            check_non_negative(f"param_groups[{i}]['rho']", group["rho"])
+
+
+class SAMUpdate:
+    """Runs the SAM updates of one optimizer and keeps what is needed to undo one.
+
+    Args:
+        method: the perturbation rule.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_sam import SAM
+        >>> net = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> loss_fn = lambda: torch.nn.functional.mse_loss(net(x), y)
+        >>> update = SAMUpdate(SAM(rho=0.05))
+        >>> update.bind_(net, opt)
+        >>> update.open_(step=0)
+        >>> loss = loss_fn()
+        >>> update.ascend_(opt, loss, loss.backward)           # w <- w + e(w)
+        >>> def perturbed():
+        ...     loss = loss_fn()
+        ...     loss.backward()
+        ...     return loss
+        >>> perturbed_loss = update.descend_(perturbed)        # g at w + e; w restored
+        >>> update.close_(opt)                                 # finite: no skip
+        False
+        >>> opt.step(); update.end_()
+        >>> round(update.last.eps_norm.item(), 4)
+        0.05
+    """
+
+    def __init__(self, method: SAM) -> None:
+        self.method = method
+        self.last: SAMStepStats | None = None
+        self.skipped_steps = 0
+        self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
+        self._layout: ModuleLayout | None = None
+        self._params: list[Tensor] = []  # the optimizer's, in param-group order
+        self._end_state()
+
+    def _end_state(self) -> None:
+        self._open = False
+        self._sam = False
+        self._ascended = False
+        self._step = 0
+        self._nonfinite: Tensor | None = None
+        self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
+
+    # ------------------------------------------------------------------ per fit
+    def bind_(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded)."""
+        check_param_groups(optimizer)
+        self._layout = ModuleLayout.of(module, self.method)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.method.bind_(self._params)
+        self._end_state()
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind_` ran."""
+        return self._layout is not None
+
+    # ------------------------------------------------------------------ per update
+    @property
+    def is_open(self) -> bool:
+        """Whether an update is under way."""
+        return self._open
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the open update is a SAM step (else a plain one)."""
+        return self._sam
+
+    def open_(self, step: int) -> None:
+        """Start an update at optimizer step ``step`` unless one is under way."""
+        if self._open:
+            return
+        assert self._layout is not None, "bind_ first"
+        self._buffers.save_(self._layout.buffers)
+        self._sam = self.method.takes_sam_step(step)
+        self._step = step
+        self._open = True
+
+    def note_loss(self, loss: Tensor) -> None:
+        """Count a plain micro-batch's loss in the finite check."""
+        self._flag(loss.detach().isfinite())
+
+    @torch.no_grad()
+    def ascend_(
+        self, optimizer: torch.optim.Optimizer, loss: Tensor, backward: Callable[[], Any], lr: float | None = None
+    ) -> None:
+        """The clean backward at ``w`` (``backward()``; ``loss`` is ``L(w)``), then ``w <- w + e(w)``.
+
+        The gradients of earlier micro-batches are set aside first, so ``e`` comes from this
+        micro-batch's own gradient.
+        """
+        self._stash.take_(self._params)
+        with torch.enable_grad():
+            backward()
+        self._flag(loss.detach().isfinite())
+        params = [p for p in self._params if p.grad is not None]
+        self.method.clean_gradient_(params, [p.grad for p in params])
+        rho = self.method.rho_at(self._step, lr)
+        groups = self._groups(optimizer, rho)
+        ascent = self.method.ascent_(groups)
+        self._weights.perturb_(groups, ascent.scales)  # w <- w + e
+        self._ascended = True
+        self._pending = (loss.detach(), ascent.grad_norm, ascent.eps_norm, rho)
+
+    def descend_(self, run: Callable[[], Tensor], loss_scale: Tensor | None = None) -> Tensor:
+        """The perturbed pass at ``w + e``, then ``w`` restored bit for bit; returns ``L(w + e)``.
+
+        Args:
+            run: does the perturbed forward and backward and returns ``L(w + e)``. It runs with
+                BatchNorm running statistics frozen and torchmetrics states put back afterwards;
+                its gradients add to those of the earlier micro-batches.
+            loss_scale: the AMP loss scale the clean backward ran with (to report ``||g||`` unscaled).
+        """
+        assert self._pending is not None, "ascend_ first"
+        self._stash.give_back_(self._params)
+        try:
+            with self._frozen(), torch.enable_grad():
+                perturbed_loss = run()
+        finally:
+            self._weights.restore_()  # w <- saved w
+        self.method.descent_(self._params)
+        loss, grad_norm, eps_norm, rho = self._pending
+        if loss_scale is not None:
+            grad_norm = grad_norm / loss_scale
+        self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
+        self._flag(perturbed_loss.detach().isfinite())
+        return perturbed_loss
+
+    @torch.no_grad()
+    def close_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        any_rank: Callable[[bool], bool] = bool,
+        scaler: bool = False,
+    ) -> bool:
+        """End the update before the optimizer step; return whether it was skipped.
+
+        Runs a plain step's descent, then the step's one host sync: whether a loss or the descent
+        gradient is not finite (``any_rank`` makes every replica agree). A skipped update puts the
+        buffers back and leaves the gradients such that the optimizer step changes nothing: none
+        (torch's optimizers skip parameters without one), or, under a GradScaler (``scaler``),
+        a NaN, so that it skips the step and lowers its scale.
+        """
+        params = [p for p in self._params if p.grad is not None]
+        grads = [p.grad for p in params]
+        grad_norm = global_norm(grads)
+        if self._open and not self._ascended:
+            self.method.plain_descent_(params, grad_norm)
+        self._flag(grad_norm.isfinite())
+        skip = any_rank(bool(self._nonfinite))
+        if skip:
+            self._skip(optimizer, grads, scaler)
+        return skip
+
+    def end_(self) -> None:
+        """The optimizer step is done: forget the backups (their storage is kept)."""
+        self._weights.discard()
+        self._buffers.discard()
+        self._stash.discard()
+        self._end_state()
+
+    def abort_(self) -> None:
+        """An exception: put weights and buffers back to where the update started, then forget it.
+
+        The saved ``w`` is held until :meth:`end_`, so this also undoes an optimizer step that raised
+        half-way, for the perturbed parameters.
+        """
+        self._weights.restore_()
+        if self._open:
+            self._buffers.restore_()
+        if self._ascended:
+            self.method.skip_()
+        self.end_()
+
+    # ------------------------------------------------------------------ internals
+    def _flag(self, finite: Tensor) -> None:
+        nonfinite = ~finite
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
+
+    def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
+        self._buffers.restore_()
+        if self._ascended:
+            self.method.skip_()
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            warnings.warn(
+                f"SAM skipped the update at global step {self._step}: a loss or gradient was not finite. Weights, "
+                "buffers and optimizer state are unchanged; later skips are counted in "
+                f"`{SKIPPED_STEPS_KEY}` without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if scaler and grads:
+            local(grads[:1])[0].fill_(float("nan"))
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _groups(self, optimizer: torch.optim.Optimizer, rho: float) -> list[ParamGroup]:
+        """The groups to perturb: their rho (scheduled), and their selected parameters with gradients."""
+        assert self._layout is not None
+        selected = self._layout.selected
+        scale = rho / self.method.rho if self.method.rho else 1.0  # a schedule scales every group's rho alike
+        groups = []
+        for group in optimizer.param_groups:
+            # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||
+            group_rho = group.get("rho", self.method.rho) * scale
+            params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
+            if params:
+                groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
+        return groups
+
+    @contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """Running statistics frozen, torchmetrics states put back afterwards."""
+        assert self._layout is not None
+        norms, stats = self._layout.norms, self._layout.other_stats
+        metrics = MetricStates(self._layout.metrics)
+        saved_stats = torch._foreach_clone(stats) if stats else []
+        for m in norms:
+            m.track_running_stats = False  # batch statistics; running ones untouched
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+            if stats:  # InstanceNorm and the like update them whatever track_running_stats says
+                torch._foreach_copy_(stats, saved_stats)
+            metrics.restore()
+

@@ -1,0 +1,133 @@
+"""Tensor utilities for the SAM step: global norms and dot products, DTensor shards (pure torch).
+
+Every function takes lists of tensors and works on them as one long vector, with torch's foreach
+kernels and without a host sync. Sharded DTensors (FSDP2) count whole: local partial sums are
+all-reduced over the shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["add_scaled_", "copy_into", "global_dot", "global_norm", "local", "norm_of_norms"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+try:  # FSDP2 shards parameters as DTensors
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # torch without distributed support, or before 2.5
+    DTensor = None
+
+
+def local(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors (FSDP2), other tensors as they are.
+
+    Elementwise in-place work on the shards is exact and needs no communication.
+
+    Example::
+
+        >>> local([torch.ones(2)])
+        [tensor([1., 1.])]
+    """
+    if DTensor is None:
+        return list(tensors)
+    with torch.no_grad():  # the shard itself, not a differentiable view of it
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def norm_of_norms(norms: Sequence[Tensor]) -> Tensor:
+    """The norm of a vector of norms (0 when there are none)."""
+    return torch.linalg.vector_norm(torch.stack(list(norms))) if norms else torch.zeros(())
+
+
+def _layout(t: Tensor) -> tuple[tuple, Tensor]:
+    """``((dtype, device mesh, placements), local tensor)``; plain tensors have no mesh."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return (t.dtype, t.device_mesh, t.placements), t.to_local()
+    return (t.dtype, None, None), t
+
+
+def _sum_over_shards(partial: Tensor, mesh: Any, placements: Any) -> Tensor:
+    """All-reduce a sum over the shards of a DTensor layout (nothing to do for plain tensors)."""
+    if mesh is None:
+        return partial
+    layout = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+    return DTensor.from_local(partial, mesh, layout).full_tensor()
+
+
+def _result_dtype(keys: Any) -> torch.dtype:
+    return torch.float64 if any(key[0] == torch.float64 for key in keys) else torch.float32
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` together, without a host sync.
+
+    fp16 and bf16 tensors are reduced in float32 (their squares overflow early); the result is
+    float64 if any tensor is, else float32. Sharded DTensors (FSDP2) count whole: their local sums
+    of squares are all-reduced over the shards, one collective per mesh and placement.
+
+    Example::
+
+        >>> global_norm([torch.tensor([3.0]), torch.tensor([[4.0]], dtype=torch.float16)])
+        tensor(5.)
+    """
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        key, x = _layout(t)
+        groups.setdefault(key, []).append(x)
+    out = _result_dtype(groups)
+    squares = []
+    for (dtype, mesh, placements), xs in groups.items():
+        norms = torch._foreach_norm(xs, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
+        squares.append(_sum_over_shards(torch.stack(norms).to(out).square().sum(), mesh, placements))
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=out)
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """The inner product of two lists of tensors, each taken as one vector, like :func:`global_norm`.
+
+    Example::
+
+        >>> global_dot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
+        tensor(11.)
+    """
+    groups: dict[tuple, list[Tensor]] = {}
+    for x, y in zip(a, b):
+        key, x_local = _layout(x)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dot = torch.vdot(x_local.reshape(-1).to(acc), _layout(y)[1].reshape(-1).to(acc))
+        groups.setdefault(key, []).append(dot)
+    out = _result_dtype(groups)
+    sums = [_sum_over_shards(torch.stack(d).to(out).sum(), mesh, pl) for (_, mesh, pl), d in groups.items()]
+    return torch.stack(sums).sum() if sums else torch.zeros((), dtype=out)
+
+
+
+def copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tensor]:
+    """Copy ``tensors`` into ``buffer`` (allocated like them when missing or of another layout)."""
+    if buffer is None or len(buffer) != len(tensors) or any(b.shape != t.shape for b, t in zip(buffer, tensors)):
+        buffer = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(local(buffer), local(tensors))
+    return buffer
+
+
+def add_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Tensor, keep_sources: bool = False) -> None:
+    """``targets += scale * sources`` in place, on local shards.
+
+    On CPU the scale is read to the host, which is free there and saves a pass; elsewhere the
+    sources are scaled without a host sync, in place unless ``keep_sources`` (then in a temporary).
+    """
+    targets, sources = local(targets), local(sources)
+    if scale.device.type == "cpu":
+        torch._foreach_add_(targets, sources, alpha=scale.item())
+    elif keep_sources:
+        torch._foreach_add_(targets, torch._foreach_mul(sources, scale))
+    else:
+        torch._foreach_mul_(sources, scale)
+        torch._foreach_add_(targets, sources)
+
+
