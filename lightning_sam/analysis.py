@@ -1,4 +1,4 @@
-"""Sharpness probes and loss-landscape slices, in pure torch (plots need matplotlib).
+"""Sharpness probes and loss-landscape slices, in pure torch (plots need ``lightning-sam[plots]``).
 
 * :func:`top_hessian_eigenvalue`: the largest Hessian eigenvalue by power iteration on
   Hessian-vector products.
@@ -41,6 +41,11 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
 
 
+def _zeros_for_none(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """``torch.autograd.grad(..., allow_unused=True)``'s gradients with zeros for the parameters it did not reach."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
 def top_hessian_eigenvalue(
     model: nn.Module, loss_fn: LossFn, iters: int = 100, tol: float = 1e-4, seed: int = 0
 ) -> float:
@@ -50,7 +55,8 @@ def top_hessian_eigenvalue(
     Rayleigh quotient changes by less than ``tol`` (relative) or after ``iters`` products.
 
     Args:
-        model: its parameters that require grad span the Hessian.
+        model: its parameters that require grad span the Hessian (one the loss does not reach, such
+            as an unused head, adds zero rows and columns: the same value as without it).
         loss_fn: no arguments; returns the loss at the model's current weights (a fixed batch, the
             mode the caller chose: ``model.eval()`` or ``train()`` is left as it is).
         iters: at most this many Hessian-vector products.
@@ -70,10 +76,19 @@ def top_hessian_eigenvalue(
     v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     norm = torch.sqrt(_dot(v, v))
     v = [x / norm for x in v]
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
+    # H has zero rows for a parameter the loss does not reach (g_i is None) and for one whose g_i does
+    # not depend on the weights (no graph): (H v)_j = sum_i v_i dg_i/dw_j runs over the other rows.
+    rows = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not rows:
+        return 0.0
+    outputs = [grads[i] for i in rows]
     estimate = 0.0
     for _ in range(iters):
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        hv = torch.autograd.grad(
+            outputs, params, grad_outputs=[v[i] for i in rows], retain_graph=True, allow_unused=True
+        )
+        hv = _zeros_for_none(hv, params)  # the zero rows of H
         new = float(_dot(hv, v))  # the Rayleigh quotient v^T H v
         norm = torch.sqrt(_dot(hv, hv))
         if norm == 0:
@@ -120,7 +135,8 @@ def max_loss_increase(model: nn.Module, loss_fn: LossFn, rho: float = 0.05, step
         best = base
         e = [torch.zeros_like(p) for p in params]
         for _ in range(steps):
-            grads = torch.autograd.grad(loss_fn(), params)
+            # a parameter the loss does not reach has g = 0, so e = 0 there
+            grads = _zeros_for_none(torch.autograd.grad(loss_fn(), params, allow_unused=True), params)
             g_norm = torch.sqrt(_dot(grads, grads)) + 1e-12
             e = [x + (rho / steps) * g / g_norm for x, g in zip(e, grads)]
             e_norm = float(torch.sqrt(_dot(e, e)))
@@ -217,18 +233,20 @@ def plot_slices(
 ) -> Path:
     """Save 1-D slices (one line each) and 2-D slices (contour plots) side by side as a PNG.
 
-    Needs matplotlib (``pip install lightning-sam[plots]``).
+    Needs matplotlib (``pip install "lightning-sam[plots]"``), imported here only. The figure is drawn
+    without pyplot, so matplotlib's backend and pyplot's current figure stay as the caller had them.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Plots need matplotlib: `pip install matplotlib`.") from err
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError('plot_slices needs matplotlib: `pip install "lightning-sam[plots]"`.') from err
     lines, planes = dict(lines or {}), dict(planes or {})
     panels = (1 if lines else 0) + len(planes)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 4), squeeze=False)
+    fig = Figure(figsize=(5 * max(panels, 1), 4))
+    axes = fig.subplots(1, max(panels, 1), squeeze=False)
     axes_iter = iter(axes[0])
     if lines:
         ax = next(axes_iter)
@@ -250,7 +268,6 @@ def plot_slices(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_sam.analysis import batch_loss, top_hessian_eigenvalue
@@ -22,7 +23,8 @@ class SharpnessMonitor(Callback):
     (``||e||``), ``sam/grad_norm`` (``||g||``, unscaled under AMP) and ``sam/rho``. It logs on the
     Trainer's logging steps (``Trainer(log_every_n_steps)``) only, from figures the step already
     computed: no extra forward or backward, no host sync on other steps. Under DDP the figures are
-    averaged over ranks on those steps.
+    averaged over ranks on those steps. On a module without the :class:`~lightning_sam.SAMLightningModule`
+    mixin it warns once per fit and logs nothing.
 
     Example::
 
@@ -31,18 +33,29 @@ class SharpnessMonitor(Callback):
         >>> trainer = pl.Trainer(callbacks=[SharpnessMonitor()], log_every_n_steps=10, logger=False)
     """
 
+    def __init__(self) -> None:
+        self._active = False  # whether the module being trained takes SAM steps
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, SAMLightningModule):
-            raise TypeError(
-                f"SharpnessMonitor needs a SAMLightningModule, got {type(pl_module).__name__}. "
-                f"Add the mixin first among its bases: `class {type(pl_module).__name__}(SAMLightningModule, ...)`."
+        # One callback list may serve a baseline run and a SAM run: on a module without the
+        # mixin there is nothing to report, which is worth a warning but not an error.
+        self._active = isinstance(pl_module, SAMLightningModule)
+        if not self._active and stage == "fit":
+            name = type(pl_module).__name__
+            rank_zero_warn(
+                f"SharpnessMonitor does nothing for {name}: it is not a SAMLightningModule, so there are no SAM "
+                f"steps to report. To train it with SAM, add the mixin first among its bases: "
+                f"`class SAM{name}(SAMLightningModule, {name})`.",
+                category=UserWarning,
             )
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._active:
+            return
         stats = getattr(pl_module, "sam_last_step", None)
         # `should_update_logs` is the Trainer's own decision to hand step metrics to the loggers.
         if stats is None or not trainer._logger_connector.should_update_logs:

@@ -3,7 +3,7 @@
 For each run (a directory written by ``python -m lightning_sam.train``) the loss on a fixed set of
 training batches over a plane of filter-normalized random directions around its weights; with two
 runs also the loss along the straight line between them (e.g. an SGD and a SAM solution). Saves one
-PNG (matplotlib) and prints the figures.
+PNG (needs matplotlib: ``pip install "lightning-sam[plots]"``) and prints the figures.
 
 Example::
 

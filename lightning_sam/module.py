@@ -219,6 +219,17 @@ class SAMLightningModule(pl.LightningModule):
                 )
 
     @override
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Refused: the mixin runs both backward passes itself, inside automatic optimization."""
+        raise RuntimeError(
+            f"`{type(self).__name__}.training_step` called `self.manual_backward(...)`, but SAMLightningModule runs "
+            "both backward passes itself, inside Lightning's automatic optimization. Remove the call (and any "
+            "`optimizer.step()`/`zero_grad()` there) and return the loss from `training_step`. For a module that "
+            "steps its own optimizers (several optimizers, a GAN), drop the mixin and use "
+            "`lightning_sam.sam_step(self, optimizer, closure, method)`."
+        )
+
+    @override
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """Lightning's ``log``, silent during the perturbed pass (so each step logs once)."""
         if not self._sam_perturbing:

@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,91 @@ def test_hessian_eigenvalue_of_a_small_network_matches_the_full_hessian():
     exact = eigenvalues[eigenvalues.abs().argmax()].item()
     estimate = top_hessian_eigenvalue(net, lambda: F.cross_entropy(net(x), y), iters=500, tol=1e-7)
     assert estimate == pytest.approx(exact, rel=0.01)
+
+
+class WithUnusedHead(nn.Module):
+    """A body the loss goes through and a trainable head it never reaches (as in multi-task models)."""
+
+    def __init__(self, body: nn.Module, head: bool = True):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(4, 5) if head else None  # registered after the body: same start vector there
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _unused_head_pair():
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    with_head = WithUnusedHead(copy.deepcopy(body)).double()
+    without = WithUnusedHead(copy.deepcopy(body), head=False)
+    return with_head, without, x, y
+
+
+def test_hessian_eigenvalue_ignores_an_unused_head():
+    with_head, without, x, y = _unused_head_pair()
+    values = {}
+    for name, net in (("with", with_head), ("without", without)):
+        before = _weights(net)
+        # tol=0: both run all products, so they agree to rounding, not to the tolerance
+        values[name] = top_hessian_eigenvalue(net, lambda net=net: F.cross_entropy(net(x), y), iters=300, tol=0.0)
+        assert all(torch.equal(a, b) for a, b in zip(before, _weights(net)))
+        assert all(p.grad is None for p in net.parameters())
+    assert values["with"] == pytest.approx(values["without"], rel=1e-6)
+    # and it is the top eigenvalue of the body's Hessian, not an artefact such as 0
+    params = list(without.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+
+    def flat_loss(w):
+        chunks = torch.split(w, [p.numel() for p in params])
+        w1, b1, w2, b2 = (c.view(p.shape) for c, p in zip(chunks, params))
+        return F.cross_entropy(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)
+
+    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(flat_loss, flat))
+    assert values["without"] == pytest.approx(eigenvalues[eigenvalues.abs().argmax()].item(), rel=1e-3)
+
+
+def test_max_loss_increase_ignores_an_unused_head():
+    with_head, without, x, y = _unused_head_pair()
+    head = _weights(with_head.head)
+    found = [max_loss_increase(net, lambda net=net: F.cross_entropy(net(x), y), rho=0.1, steps=3)
+             for net in (with_head, without)]  # fmt: skip
+    assert found[0] == pytest.approx(found[1], rel=1e-9)
+    assert found[1][0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(head, _weights(with_head.head)))
+
+
+class UnusedHeadClassifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.aux_head = nn.Linear(8, 2)  # trainable, never used by the loss
+
+    def forward(self, x):
+        return self.body(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_hessian_monitor_on_a_module_with_an_unused_head():
+    monitor = HessianMonitor(num_batches=2, iters=10)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    t = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=2, callbacks=[monitor], logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    t.fit(UnusedHeadClassifier(), torch.utils.data.DataLoader(data, batch_size=8, shuffle=False))
+    assert [epoch for epoch, _ in monitor.history] == [0, 1]
+    assert monitor.history[-1][1] > 0
+    assert t.callback_metrics["sharpness/hessian_max_eig"].item() == pytest.approx(monitor.history[-1][1])
 
 
 def test_probes_leave_weights_mode_and_global_rng_alone():
@@ -134,6 +220,56 @@ def test_random_plane_grid_and_filter_normalization(tmp_path):
             assert torch.equal(d, torch.zeros_like(p))
     png = plot_slices(tmp_path / "slices.png", {"line": [(0.0, 1.0), (1.0, 0.5)]}, {"plane": (xs, ys, losses)})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plotting_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "lightning-sam\[plots\]"'):
+        plot_slices(tmp_path / "slices.png", {"line": [(0.0, 1.0), (1.0, 0.5)]})
+    assert not (tmp_path / "slices.png").exists()
+
+
+# As if matplotlib were not installed: not importable, and not among the installed distributions
+# (Lightning and torchmetrics ask importlib.metadata whether it is there before importing it).
+NO_MATPLOTLIB = """
+import importlib.abc, importlib.metadata, sys
+
+
+class NoMatplotlib(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoMatplotlib())
+from_name = importlib.metadata.Distribution.from_name.__func__
+
+
+def without_matplotlib(cls, name):
+    if name.lower() == "matplotlib":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return from_name(cls, name)
+
+
+importlib.metadata.Distribution.from_name = classmethod(without_matplotlib)
+"""
+
+
+def test_the_package_imports_without_matplotlib():
+    code = NO_MATPLOTLIB + (
+        "import lightning_sam, lightning_sam.analysis, lightning_sam.callbacks, lightning_sam.landscape\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "try:\n"
+        "    lightning_sam.analysis.plot_slices('never.png', {'line': [(0.0, 1.0)]})\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'pip install "lightning-sam[plots]"' in result.stdout
 
 
 class RecordLogged(pl.Callback):

@@ -60,6 +60,18 @@ def test_monitor_adds_no_forward_or_backward_and_changes_nothing():
     assert torch.equal(finals["with"], finals["without"])
 
 
-def test_monitor_on_a_plain_module_raises():
-    with pytest.raises(TypeError, match="SharpnessMonitor needs a SAMLightningModule, got Classifier"):
-        trainer(callbacks=[SharpnessMonitor()]).fit(Classifier(), make_loader())
+def test_monitor_on_a_plain_module_warns_once_and_logs_nothing(tmp_path):
+    # one callback list for a baseline and a SAM run: the baseline trains, the monitor stays silent
+    t = trainer(
+        max_epochs=2, callbacks=[SharpnessMonitor()], logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1
+    )
+    message = r"SharpnessMonitor does nothing for Classifier: .*`class SAMClassifier\(SAMLightningModule, Classifier\)`"
+    with pytest.warns(UserWarning, match=message) as record:
+        t.fit(Classifier(), make_loader(batch_size=16))
+    assert sum("SharpnessMonitor does nothing" in str(w.message) for w in record) == 1
+    assert t.global_step == 12  # it trained all its steps
+    assert "train/loss" in t.callback_metrics  # the module's own logging goes through
+    assert not [k for k in t.callback_metrics if k.startswith("sam/")]
+    rows = _rows(tmp_path)
+    assert len([r for r in rows if r.get("train/loss")]) == 12
+    assert not [k for k in rows[0] if k.startswith("sam/")]

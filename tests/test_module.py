@@ -1,5 +1,4 @@
 import copy
-import math
 import warnings
 
 import lightning.pytorch as pl
@@ -11,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sam import ASAM, SAM, SAMLightningModule
+from lightning_sam import ASAM, SAM, RhoSchedule, SAMLightningModule
 from tests.helpers import (
     Classifier,
     Quadratic,
@@ -654,16 +653,62 @@ def test_manual_optimization_is_refused_with_a_pointer_to_sam_step():
         trainer().fit(model, make_loader())
 
 
-def test_checkpoint_with_method_in_hparams_loads_weights_only(tmp_path):
-    class WithHparams(SAMClassifier):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.save_hyperparameters()
+def test_leftover_manual_backward_says_what_to_do():
+    class Leftover(SAMClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            return loss
 
-    model = WithHparams(sam=ASAM(0.7, 0.02), lr=0.05)
-    t = trainer(max_steps=1)
+    model = Leftover()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match=r"called `self.manual_backward\(...\)`.*return the loss.*sam_step"):
+        trainer(max_steps=2).fit(model, make_loader())
+    _assert_same_state(before, _state(model))
+
+
+class WithHparams(SAMClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+
+def test_hyperparameters_and_checkpoints_hold_the_method_as_plain_data(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from lightning.pytorch.core.saving import load_hparams_from_yaml
+
+    schedule = RhoSchedule("cosine", total_steps=10, rho_min=0.1)
+    model = WithHparams(sam=ASAM(0.7, 0.02, rho_schedule=schedule), lr=0.05)
+    t = trainer(max_steps=1, logger=pl.loggers.CSVLogger(tmp_path))
     t.fit(model, make_loader())
     t.save_checkpoint(tmp_path / "m.ckpt")
-    loaded = WithHparams.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
-    assert loaded.sam == ASAM(0.7, 0.02) and loaded.lr == 0.05
-    assert math.isclose(loaded.sam.rho, 0.7)
+    hparams_file = tmp_path / "lightning_logs" / "version_0" / "hparams.yaml"
+    saved = yaml.safe_load(hparams_file.read_text())
+    assert saved["sam"]["class_path"] == "lightning_sam.ASAM"
+    assert saved["sam"]["init_args"]["eta"] == 0.02 and saved["lr"] == 0.05
+    assert load_hparams_from_yaml(str(hparams_file))["sam"] == saved["sam"]
+    loaded = WithHparams.load_from_checkpoint(tmp_path / "m.ckpt", hparams_file=str(hparams_file))
+    assert loaded.sam == ASAM(0.7, 0.02, rho_schedule=schedule) and loaded.lr == 0.05
+    # torch's default (weights_only) in a process that never imported lightning_sam
+    code = (
+        "import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
+        "assert 'lightning_sam' not in sys.modules; print(c['hyper_parameters']['sam']['class_path'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.ckpt")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "lightning_sam.ASAM", out.stderr[-2000:]
+
+
+def test_checkpoint_method_is_restored_without_hyperparameters_and_a_change_warns(tmp_path):
+    model = SAMClassifier(sam=ASAM(0.5))
+    t = trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(model, make_loader())
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    assert SAMClassifier.load_from_checkpoint(path).sam == ASAM(0.5)  # not the default SAM(0.05)
+    resumed = SAMClassifier(sam=SAM(0.1))
+    with pytest.warns(UserWarning, match=r"trained with ASAM\(rho=0.5, eta=0.01\); this module trains with SAM"):
+        trainer(max_epochs=2).fit(resumed, make_loader(), ckpt_path=path)
+    assert resumed.sam == SAM(0.1)
