@@ -6,6 +6,7 @@ checks the library rather than repeating it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import lightning.pytorch as pl
@@ -89,6 +90,29 @@ class Quadratic(SAMLightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+class Snapshots(pl.Callback):
+    """The module's state and the optimizer's at the start of every training batch."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.append((state_copy(pl_module), copy.deepcopy(trainer.optimizers[0].state_dict())))
 
 
 def trainer(**kwargs) -> pl.Trainer:

@@ -18,9 +18,22 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     StochasticWeightAveraging,
 )
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn import functional as F
 
 from lightning_sam import SAM, SAMLightningModule
-from tests.helpers import Classifier, SAMClassifier, make_loader, reference_sam, trainer
+from tests.helpers import (
+    Classifier,
+    SAMClassifier,
+    assert_same_state,
+    make_data,
+    make_loader,
+    reference_sam,
+    state_copy,
+    trainer,
+)
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -249,4 +262,199 @@ def test_gradient_accumulation_scheduler_matches_the_reference():
     reference_sam(reference, opt, loader, rho=0.05, accumulate=3)
     for (key, value), expected in zip(model.net.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------- schedulers
+
+
+class Scheduled(Classifier):
+    def __init__(self, kind: str, **kwargs):
+        super().__init__(batchnorm=False, **kwargs)
+        self.kind = kind
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y) + self.current_epoch)  # rises: plateau triggers
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        if self.kind == "epoch":
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+        if self.kind == "step":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.9**i)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+        return {"optimizer": opt, "lr_scheduler": sched, "monitor": "val/loss"}
+
+
+class SAMScheduled(SAMLightningModule, Scheduled):
+    pass
+
+
+class RecordLR(pl.Callback):
+    def __init__(self):
+        self.history = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.history.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("kind", ["epoch", "step", "plateau"])
+def test_schedulers_step_as_in_automatic_optimization(kind):
+    lrs = {}
+    for name, cls in (("automatic", Scheduled), ("sam", SAMScheduled)):
+        model = cls(kind)
+        record = RecordLR()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # e.g. Lightning's "keys will be ignored"
+            trainer(max_epochs=4, callbacks=[record], limit_val_batches=1).fit(
+                model, make_loader(batch_size=32), make_loader(batch_size=32)
+            )
+        lrs[name] = [*record.history, model.trainer.optimizers[0].param_groups[0]["lr"]]
+    assert lrs["sam"] == pytest.approx(lrs["automatic"])
+    assert len(set(lrs["sam"])) > 1
+
+
+def test_per_step_plateau_on_a_validation_metric_steps_after_that_validation():
+    class PerStep(Scheduled):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return [opt], [{"scheduler": plateau, "interval": "step", "monitor": "val/loss", "strict": False}]
+
+    class SAMPerStep(SAMLightningModule, PerStep):
+        pass
+
+    lrs = {}
+    for name, cls in (("automatic", PerStep), ("sam", SAMPerStep)):
+        record = RecordLR()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no val/loss before the first validation
+            t = trainer(max_epochs=2, callbacks=[record], limit_val_batches=1, val_check_interval=2)
+            t.fit(cls("plateau"), make_loader(batch_size=16), make_loader(batch_size=32))
+        lrs[name] = record.history
+    assert lrs["sam"] == pytest.approx(lrs["automatic"])
+    assert len(set(lrs["sam"])) > 2
+
+
+def test_epoch_plateau_is_not_stepped_when_max_steps_ends_the_epoch_early():
+    class OnTrainLoss(Scheduled):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": plateau, "monitor": "train/loss"}
+
+    class SAMOnTrainLoss(SAMLightningModule, OnTrainLoss):
+        pass
+
+    states = {}
+    for name, model in (("automatic", OnTrainLoss("plateau")), ("sam", SAMOnTrainLoss("plateau", sam=SAM(0.0)))):
+        trainer(max_epochs=5, max_steps=8).fit(model, make_loader(batch_size=16))  # 6 batches per epoch
+        states[name] = model.lr_schedulers().state_dict()
+    assert states["sam"]["last_epoch"] == states["automatic"]["last_epoch"] == 1  # epoch 1 only
+    for key in ("num_bad_epochs", "best", "_last_lr"):
+        assert states["sam"][key] == pytest.approx(states["automatic"][key], rel=1e-5), key
+
+
+def test_plateau_without_the_monitored_metric_raises():
+    class NoVal(SAMScheduled):
+        validation_step = None
+
+    with pytest.raises(MisconfigurationException, match="conditioned on metric val/loss which is not"):
+        trainer(max_epochs=1, limit_val_batches=0).fit(NoVal("plateau"), make_loader())
+
+
+# ---------------------------------------------------------------------------------------------- clipping
+
+
+def test_clipping_matches_reference():
+    loader = make_loader(batch_size=16)
+    model = SAMClassifier(sam=SAM(0.05))
+    reference = copy.deepcopy(model.net)
+    trainer(gradient_clip_val=0.05).fit(model, loader)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference_sam(reference, opt, loader, rho=0.05, clip_norm=0.05)
+    assert_same_state(state_copy(model.net), state_copy(reference), atol=1e-6)
+    unclipped = SAMClassifier(sam=SAM(0.05))
+    trainer().fit(unclipped, loader)
+    assert not torch.allclose(unclipped.net[0].weight, model.net[0].weight, atol=1e-4)
+
+
+def test_clipping_by_value_sees_unscaled_gradients_under_16_mixed():
+    seen = {}
+
+    class Probe(SAMClassifier):
+        def on_before_optimizer_step(self, optimizer):
+            seen["max_before"] = max(p.grad.abs().max().item() for p in self.parameters())
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen["max_after"] = max(p.grad.abs().max().item() for p in pl_module.parameters() if p.grad is not None)
+
+    model = Probe(batchnorm=False)
+    t = trainer(
+        max_steps=1,
+        plugins=[MixedPrecision("16-mixed", "cpu")],
+        callbacks=[After()],
+        gradient_clip_val=1e-3,
+        gradient_clip_algorithm="value",
+    )
+    t.fit(model, make_loader(batch_size=16))
+    assert 1e-3 < seen["max_before"] < 10  # unscaled (the loss scale is 65536)
+    assert seen["max_after"] == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+
+
+def test_accumulation_matches_reference_with_the_same_semantics():
+    loader = make_loader(batch_size=8, n=88)  # 11 micro-batches: updates after 3, 6, 9 and the last (11)
+    model = SAMClassifier(sam=SAM(0.05))
+    reference = copy.deepcopy(model.net)
+    trainer(accumulate_grad_batches=3).fit(model, loader)
+    assert model.trainer.global_step == 4
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference_sam(reference, opt, loader, rho=0.05, accumulate=3)
+    assert_same_state(state_copy(model.net), state_copy(reference), atol=1e-6)
+
+
+class Branching(SAMLightningModule, pl.LightningModule):
+    """A layer used only by batches whose first feature is positive (data-dependent routing)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        torch.manual_seed(0)
+        self.first, self.extra, self.last = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def net_forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.last(torch.tanh(self.extra(h)) if x[0, 0] > 0 else h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net_forward(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_accumulation_with_a_parameter_first_used_in_a_later_micro_batch():
+    data = make_data(n=32)
+    data.tensors[0][0, 0], data.tensors[0][8, 0] = -1.0, 1.0  # micro-batch 1 skips `extra`, 2 uses it
+    data.tensors[0][16, 0], data.tensors[0][24, 0] = 1.0, -1.0
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    model = Branching(sam=SAM(0.05))
+    reference = copy.deepcopy(model)
+    trainer(accumulate_grad_batches=2).fit(model, loader)
+
+    class Net(nn.Module):  # the same parameters, for the plain loop
+        def __init__(self, m):
+            super().__init__()
+            self.first, self.extra, self.last, self.forward = m.first, m.extra, m.last, m.net_forward
+
+    net = Net(reference)
+    reference_sam(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader, rho=0.05, accumulate=2)
+    assert_same_state(state_copy(model), state_copy(net), atol=1e-6)
+    assert not torch.equal(model.extra.weight, Branching().extra.weight)
+
 

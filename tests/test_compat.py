@@ -1,0 +1,67 @@
+"""Pins down every private access in lightning_sam/_compat.py: an upgrade that breaks one fails here."""
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+
+from lightning_sam._compat import (
+    BatchNormBase,
+    NormBase,
+    grad_sync,
+    loss_scale,
+    metric_counters,
+    set_metric_counters,
+    should_update_logs,
+)
+from tests.helpers import Classifier, make_loader, trainer
+
+
+def test_norm_bases():
+    assert isinstance(torch.nn.BatchNorm2d(2), BatchNormBase) and isinstance(torch.nn.SyncBatchNorm(2), BatchNormBase)
+    instance_norm = torch.nn.InstanceNorm1d(2)
+    assert isinstance(instance_norm, NormBase) and not isinstance(instance_norm, BatchNormBase)
+
+
+def test_should_update_logs_follows_log_every_n_steps():
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((trainer.global_step, should_update_logs(trainer)))
+
+    trainer(max_steps=4, log_every_n_steps=2, callbacks=[Record()]).fit(Classifier(), make_loader())
+    assert seen == [(1, False), (2, True), (3, False), (4, True)]
+
+
+def test_loss_scale_is_the_scalers_scale_as_a_tensor():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale tensor is created lazily
+    assert isinstance(loss_scale(scaler), torch.Tensor) and loss_scale(scaler).item() == 1024.0
+
+
+def test_metric_counters_round_trip():
+    metric = torchmetrics.SumMetric()
+    counters = metric_counters(metric)
+    metric.update(torch.tensor(2.0))
+    metric.compute()
+    assert metric_counters(metric) != counters
+    set_metric_counters(metric, counters)
+    assert metric_counters(metric) == counters and metric.update_count == 0
+
+
+def test_grad_sync_toggles_ddp_and_leaves_other_models_alone(tmp_path):
+    plain = torch.nn.Linear(2, 2)
+    with grad_sync(plain, enabled=False):
+        assert not hasattr(plain, "require_backward_grad_sync")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        assert ddp.require_backward_grad_sync
+        with grad_sync(ddp, enabled=False):
+            assert not ddp.require_backward_grad_sync
+            with grad_sync(ddp, enabled=True):
+                assert ddp.require_backward_grad_sync
+            assert not ddp.require_backward_grad_sync
+        assert ddp.require_backward_grad_sync
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,159 @@
+"""Mixed precision, non-finite steps, exceptions and resume: nothing is ever lost."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_sam import ASAM, SAM
+from tests.helpers import (
+    SAMClassifier,
+    Snapshots,
+    assert_same_state,
+    make_loader,
+    state_copy,
+    trainer,
+)
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains(precision):
+    plugins = [MixedPrecision("16-mixed", "cpu")] if precision == "16-mixed" else []
+    kwargs = {"plugins": plugins} if plugins else {"precision": precision}
+    model = SAMClassifier(sam=SAM(0.05))
+    before = state_copy(model.net)
+    t = trainer(max_epochs=3, **kwargs)
+    t.fit(model, make_loader(batch_size=16))
+    after = state_copy(model.net)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(before["0.weight"], after["0.weight"])
+    assert model.sam_last_step.eps_norm.item() == pytest.approx(0.05, rel=1e-2)
+    if precision == "16-mixed":
+        # grad_norm is reported unscaled: compare with an fp32 evaluation of the same batch
+        assert model.sam_last_step.grad_norm.item() < 100
+
+
+def test_fp16_overflow_never_reaches_the_weights():
+    class Overflow(SAMClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1e4 if self.trainer.global_step == 1 else loss  # scaled by 65536: inf in fp16
+
+    model = Overflow(sam=SAM(0.05))
+    t = trainer(max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")])
+    states = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            states.append((state_copy(pl_module.net), copy.deepcopy(trainer.optimizers[0].state_dict())))
+
+    t.callbacks.append(Snap())
+    with pytest.warns(RuntimeWarning, match="skipped the update at global step 1"):
+        t.fit(model, make_loader(batch_size=16))
+    assert t.global_step == 3
+    assert model.sam_skipped_steps == 1
+    assert_same_state(states[1][0], states[2][0])  # step 1 changed nothing, BN statistics included
+    scaler = t.precision_plugin.scaler
+    assert scaler.get_scale() == 65536.0 / 2  # the scaler backed off once
+    assert all(torch.isfinite(v).all() for v in state_copy(model.net).values())
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+
+class Faulty(SAMClassifier):
+    """Injects a fault at one step, in the clean or the perturbed pass."""
+
+    def __init__(self, fault: str, at_step: int, in_pass: int, **kwargs):
+        super().__init__(**kwargs)
+        self.fault, self.at_step, self.in_pass, self.pass_count = fault, at_step, in_pass, 0
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.pass_count += 1
+        if self.trainer.global_step == self.at_step and (self.pass_count - 1) % 2 == self.in_pass:
+            if self.fault == "nan":
+                return loss * float("nan")
+            if self.fault == "inf_grad":
+                return loss + 0 * torch.sqrt(self.net[0].weight[0, 0] * 0)  # finite loss, inf gradient
+            raise RuntimeError("injected")
+        return loss
+
+
+@pytest.mark.parametrize("fault", ["nan", "inf_grad"])
+@pytest.mark.parametrize("in_pass", [0, 1], ids=["clean", "perturbed"])
+def test_nonfinite_step_is_skipped_and_changes_nothing(fault, in_pass, tmp_path):
+    model = Faulty(fault, at_step=2, in_pass=in_pass)
+    snaps = Snapshots()
+    t = trainer(max_steps=4, callbacks=[snaps], logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1)
+    with pytest.warns(RuntimeWarning, match="skipped the update at global step 2"):
+        t.fit(model, make_loader(batch_size=16))
+    assert t.global_step == 4 and model.sam_skipped_steps == 1
+    (params_2, opt_2), (params_3, opt_3) = snaps.states[2], snaps.states[3]
+    assert_same_state(params_2, params_3)
+    assert str(opt_2) == str(opt_3)
+    assert not torch.equal(snaps.states[1][0]["net.0.weight"], params_2["net.0.weight"])  # others did update
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("sam/skipped_steps")
+    assert [float(r.split(",")[column]) for r in lines[1:] if r.split(",")[column]] == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("in_pass", [0, 1], ids=["clean", "perturbed"])
+def test_exception_leaves_weights_and_buffers_as_before(in_pass):
+    model = Faulty("raise", at_step=2, in_pass=in_pass)
+    snaps = Snapshots()
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer(max_steps=4, callbacks=[snaps]).fit(model, make_loader(batch_size=16))
+    assert_same_state(snaps.states[2][0], state_copy(model))
+
+
+def test_exception_in_the_optimizer_step_restores_the_weights():
+    class Exploding(torch.optim.SGD):
+        def step(self, closure=None):
+            closure()  # torch's optimizers evaluate the closure before they write
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(1.0)  # half-way through an update...
+            raise MemoryError("injected")
+
+    class M(SAMClassifier):
+        def configure_optimizers(self):
+            return Exploding(self.parameters(), lr=0.1)
+
+    model = M()
+    before = state_copy(model)
+    with pytest.raises(MemoryError, match="injected"):
+        trainer(max_steps=1).fit(model, make_loader(batch_size=16))
+    assert_same_state(before, state_copy(model))
+
+
+def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
+    loader = make_loader(batch_size=16)
+
+    def run(max_epochs, ckpt_path=None, **kw):
+        model = SAMClassifier(sam=ASAM(0.5))
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+        t = trainer(
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+            callbacks=[ckpt],
+            accumulate_grad_batches=2,
+            gradient_clip_val=1.0,
+            **kw,
+        )
+        t.fit(model, loader, ckpt_path=ckpt_path)
+        return model
+
+    full = run(4)
+    for p in tmp_path.iterdir():
+        if p.name != "epoch=1-step=6.ckpt":
+            p.unlink()
+    resumed = run(4, ckpt_path=tmp_path / "epoch=1-step=6.ckpt")
+    assert_same_state(state_copy(full), state_copy(resumed))
+    assert resumed.trainer.global_step == full.trainer.global_step == 12
+
+

@@ -1,0 +1,93 @@
+"""SAMUpdate, the step shared by the mixin and sam_step, driven directly in plain torch."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lightning_sam import ASAM, SAM
+from lightning_sam.step import SAMUpdate
+from tests.helpers import make_loader, make_net, reference_sam
+
+
+def _sam_steps(net, optimizer, loader, method):
+    update = SAMUpdate(method)
+    update.bind_(net, optimizer)
+    for step, (x, y) in enumerate(loader):
+        optimizer.zero_grad()
+        update.open_(step)
+        loss = F.cross_entropy(net(x), y)
+        update.ascend_(optimizer, loss, loss.backward)
+
+        def perturbed(x=x, y=y):
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        update.descend_(perturbed)
+        assert not update.close_(optimizer)
+        optimizer.step()
+        update.end_()
+    return update
+
+
+@pytest.mark.parametrize(("method", "eta"), [(SAM(0.05), None), (ASAM(0.5, 0.01), 0.01)], ids=["sam", "asam"])
+def test_plain_torch_use_matches_the_reference(method, eta):
+    loader = make_loader(batch_size=16)
+    net = make_net()
+    reference = copy.deepcopy(net)
+    _sam_steps(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader, method)
+    reference_sam(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), loader, method.rho, eta)
+    for (key, value), expected in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+
+
+def test_nonfinite_perturbed_loss_skips_and_puts_the_buffers_back():
+    net = make_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    before = copy.deepcopy(net.state_dict())
+    update = SAMUpdate(SAM(0.05))
+    update.bind_(net, optimizer)
+    x, y = next(iter(make_loader(batch_size=16)))
+    update.open_(0)
+    loss = F.cross_entropy(net(x), y)
+    update.ascend_(optimizer, loss, loss.backward)
+
+    def perturbed():
+        loss = F.cross_entropy(net(x), y) * float("nan")
+        loss.backward()
+        return loss
+
+    update.descend_(perturbed)
+    with pytest.warns(RuntimeWarning, match="skipped the update at global step 0"):
+        assert update.close_(optimizer)
+    assert all(p.grad is None for p in net.parameters())  # so the optimizer step changes nothing
+    optimizer.step()
+    update.end_()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert update.skipped_steps == 1 and not optimizer.state
+
+
+def test_abort_in_the_perturbed_pass_restores_weights_and_buffers():
+    net = make_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = copy.deepcopy(net.state_dict())
+    update = SAMUpdate(SAM(0.5))
+    update.bind_(net, optimizer)
+    x, y = next(iter(make_loader(batch_size=16)))
+    update.open_(0)
+    loss = F.cross_entropy(net(x), y)
+    update.ascend_(optimizer, loss, loss.backward)
+
+    def failing():
+        net(x)
+        raise MemoryError("injected")
+
+    with pytest.raises(MemoryError):
+        update.descend_(failing)
+    update.abort_()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not update.is_open
