@@ -11,6 +11,7 @@ import torch
 
 from lightning_sam.backup import WeightBackup
 from lightning_sam.callbacks import SharpnessMonitor
+from lightning_sam.manual import sam_step
 from lightning_sam.methods import ASAM, GSAM, SAM, LookSAM, ParamGroup, RhoSchedule
 from lightning_sam.module import SAMLightningModule
 from lightning_sam.step import SAMStepStats
@@ -31,6 +32,7 @@ __all__ = [
     "WeightBackup",
     "__version__",
     "global_norm",
+    "sam_step",
 ]
 
 # Checkpoints written by earlier versions may hold a method object; let `torch.load(weights_only=True)` read them.

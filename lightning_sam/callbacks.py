@@ -10,7 +10,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_sam._compat import should_update_logs
 from lightning_sam.analysis import batch_loss, top_hessian_eigenvalue
+from lightning_sam.manual import sam_step_stats
 from lightning_sam.module import SAMLightningModule
 
 __all__ = ["HessianMonitor", "SharpnessMonitor"]
@@ -23,7 +25,10 @@ class SharpnessMonitor(Callback):
     (``||e||``), ``sam/grad_norm`` (``||g||``, unscaled under AMP) and ``sam/rho``. It logs on the
     Trainer's logging steps (``Trainer(log_every_n_steps)``) only, from figures the step already
     computed: no extra forward or backward, no host sync on other steps. Under DDP the figures are
-    averaged over ranks on those steps. On a module without the :class:`~lightning_sam.SAMLightningModule`
+    averaged over ranks on those steps. For a manual-optimization module that calls
+    :func:`~lightning_sam.sam_step`, it logs the last SAM step of each optimizer, under
+    ``sam/opt{i}/...`` (``i`` the optimizer's index) when several optimizers take SAM steps. On a
+    module with automatic optimization but without the :class:`~lightning_sam.SAMLightningModule`
     mixin it warns once per fit and logs nothing.
 
     Example::
@@ -40,7 +45,8 @@ class SharpnessMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # One callback list may serve a baseline run and a SAM run: on a module without the
         # mixin there is nothing to report, which is worth a warning but not an error.
-        self._active = isinstance(pl_module, SAMLightningModule)
+        # a manual-optimization module may call sam_step: known only once it has
+        self._active = isinstance(pl_module, SAMLightningModule) or not pl_module.automatic_optimization
         if not self._active and stage == "fit":
             name = type(pl_module).__name__
             rank_zero_warn(
@@ -54,14 +60,19 @@ class SharpnessMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active:
-            return
-        stats = getattr(pl_module, "sam_last_step", None)
         # `should_update_logs` is the Trainer's own decision to hand step metrics to the loggers.
-        if stats is None or not trainer._logger_connector.should_update_logs:
+        if not self._active or not should_update_logs(trainer):
             return
-        for key, value in stats.as_dict().items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=True)
+        if isinstance(pl_module, SAMLightningModule):
+            stats = {} if pl_module.sam_last_step is None else {None: pl_module.sam_last_step}
+        else:
+            stats = dict(sam_step_stats(pl_module))
+            if len(stats) == 1:
+                stats = {None: next(iter(stats.values()))}
+        for index, figures in stats.items():
+            for key, value in figures.as_dict().items():
+                name = key if index is None else key.replace("sam/", f"sam/opt{index}/", 1)
+                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=True)
 
 
 class HessianMonitor(Callback):

@@ -8,7 +8,8 @@ MODE: ``local`` (each replica its own e), ``sync`` (sync_perturbation=True), ``a
 ``accumulate_sync`` (sync_perturbation=True, accumulate_grad_batches=2),
 ``static`` (local, DDPStrategy(static_graph=True): expected to fail with a clear error),
 ``static_sync`` (static_graph=True with sync_perturbation=True: works),
-``fsdp2`` (ModelParallelStrategy with fully_shard: e from the reduced gradient).
+``fsdp2`` (ModelParallelStrategy with fully_shard: e from the reduced gradient),
+``manual`` / ``manual_sync`` (a manual-optimization module calling ``sam_step``, per-replica or synchronized e).
 """
 
 import sys
@@ -18,10 +19,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_sam import SAM, SharpnessMonitor
-from tests.helpers import SAMClassifier, make_loader
+from lightning_sam import SAM, SharpnessMonitor, sam_step
+from lightning_sam.manual import sam_step_stats
+from tests.helpers import Classifier, SAMClassifier, make_loader
 
 ALLREDUCES = 0
 
@@ -60,13 +63,33 @@ class ShardedClassifier(SAMClassifier):
         fully_shard(self.net, mesh=mesh)
 
 
+class ManualClassifier(Classifier):
+    """Steps its optimizer itself, with sam_step."""
+
+    def __init__(self, sync_perturbation: bool):
+        super().__init__(batchnorm=False)
+        self.automatic_optimization = False
+        self.method, self.sync = SAM(0.05), sync_perturbation
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        sam_step(self, self.optimizers(), lambda: F.cross_entropy(self(x), y), self.method, sync_perturbation=self.sync)
+
+    @property
+    def sam_last_step(self):  # what RecordSharpness reads
+        return sam_step_stats(self)[0]
+
+
 def main(out: Path, mode: str) -> None:
     pl.seed_everything(0)
-    model = (ShardedClassifier if mode == "fsdp2" else SAMClassifier)(
-        sam=SAM(0.05),
-        batchnorm=mode == "syncbn",
-        sync_perturbation=mode in ("sync", "static_sync", "accumulate_sync"),
-    )
+    if mode.startswith("manual"):
+        model = ManualClassifier(sync_perturbation=mode == "manual_sync")
+    else:
+        model = (ShardedClassifier if mode == "fsdp2" else SAMClassifier)(
+            sam=SAM(0.05),
+            batchnorm=mode == "syncbn",
+            sync_perturbation=mode in ("sync", "static_sync", "accumulate_sync"),
+        )
     gpu = mode == "syncbn"  # SyncBatchNorm needs GPUs (benchmarks/gpu_checks.py runs it)
     strategy = DDPStrategy(
         process_group_backend="nccl" if gpu else "gloo", bucket_cap_mb=100, static_graph=mode.startswith("static")

@@ -76,6 +76,8 @@ def _simulate(mode: str) -> torch.nn.Module:
         ("accumulate_sync", 4),
         ("static_sync", None),
         ("fsdp2", None),
+        ("manual", 4),
+        ("manual_sync", 8),
     ],
     ids=[
         "each-replica-its-own-e",
@@ -84,6 +86,8 @@ def _simulate(mode: str) -> torch.nn.Module:
         "accumulation-synchronized-e",
         "static-graph-synchronized-e",
         "fsdp2",
+        "sam-step-each-replica-its-own-e",
+        "sam-step-synchronized-e",
     ],
 )
 def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, allreduces):
@@ -102,7 +106,8 @@ def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, all
     for (_, own0, logged0), (_, own1, logged1) in zip(*rows):
         assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5) == pytest.approx(logged1, rel=1e-5)
     # FSDP2 reduce-scatters every backward, so e comes from the averaged gradient
-    expected = _simulate("sync" if mode in ("fsdp2", "static_sync") else mode).state_dict()
+    simulated = {"fsdp2": "sync", "static_sync": "sync", "manual": "local", "manual_sync": "sync"}
+    expected = _simulate(simulated.get(mode, mode)).state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(ranks[0]["state"]["net." + key], value, atol=1e-6, rtol=0, msg=key)
     # the modes really differ

@@ -1,0 +1,191 @@
+"""``sam_step``: one SAM step for one optimizer, inside a module's own manual optimization.
+
+For LightningModules that step their optimizers themselves (a GAN, actor-critic, a separate optimizer
+for an embedding table): the same update as :class:`~lightning_sam.SAMLightningModule`'s
+(:class:`~lightning_sam.step.SAMUpdate`: the same perturbation, freezing, finite check, skip and
+restore), driven through ``manual_backward`` and ``LightningOptimizer.step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor
+
+from lightning_sam._compat import loss_scale
+from lightning_sam.methods import SAM
+from lightning_sam.step import SAMStepStats, SAMUpdate
+
+__all__ = ["sam_step", "sam_step_stats"]
+
+_STATE = "_lightning_sam_manual"  # the module's per-optimizer SAMUpdate objects
+_STEP_KEY = "sam_steps"  # this optimizer's SAM-step count, kept in its first param group (so checkpointed)
+
+
+def sam_step(
+    module: pl.LightningModule,
+    optimizer: LightningOptimizer,
+    closure: Callable[[], Tensor],
+    method: SAM,
+    *,
+    sync_perturbation: bool = False,
+) -> Tensor:
+    """Run one SAM step of ``optimizer`` inside a manual-optimization ``training_step``.
+
+    Zeroes ``optimizer``'s gradients, runs ``closure()`` (the loss at the current weights ``w``, no
+    backward) and ``module.manual_backward`` on it, computes ``e`` for the parameters of this optimizer
+    only (its param groups, their ``"rho"``), runs ``closure()`` again at ``w + e`` (BatchNorm
+    statistics frozen, ``self.log`` silent, torchmetrics put back) with its backward, restores ``w``
+    bit for bit and steps the optimizer through Lightning (``LightningOptimizer.step``: AMP,
+    ``global_step``, ``on_before_optimizer_step``).
+
+    A non-finite loss or gradient skips this optimizer's update (weights, buffers and its state
+    untouched); an exception in either pass leaves the weights as before, then propagates. Under DDP
+    the clean backward does not all-reduce (each replica its own ``e``) unless ``sync_perturbation``.
+
+    ``interval``, rho schedules and LookSAM's ``k`` count this optimizer's own steps, kept in its first
+    param group (``"sam_steps"``) so that checkpoints carry them. Gradients the closures give to other
+    optimizers' parameters add up twice (detach what another optimizer owns, as GAN code does).
+
+    Args:
+        module: the LightningModule, with ``automatic_optimization = False``.
+        optimizer: one of ``module.optimizers()``.
+        closure: returns the loss at the current weights; called twice.
+        method: the perturbation rule (:class:`~lightning_sam.SAM`, ASAM, GSAM, LookSAM, ...); keep one
+            object per optimizer (LookSAM and GSAM hold state).
+        sync_perturbation: under DDP, ``e`` from the gradient averaged over replicas.
+
+    Returns:
+        The clean loss ``L(w)``, detached.
+
+    Example::
+
+        >>> import torch, lightning.pytorch as pl
+        >>> from lightning_sam import SAM, sam_step
+        >>> class TwoOptimizers(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.automatic_optimization = False
+        ...         self.a, self.b, self.sam = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), SAM(rho=0.05)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         opt_a, opt_b = self.optimizers()
+        ...         loss = lambda: torch.nn.functional.mse_loss(self.b(self.a(x)), y)
+        ...         sam_step(self, opt_a, loss, self.sam)                  # SAM on a
+        ...         opt_b.zero_grad(); self.manual_backward(loss()); opt_b.step()   # plain on b
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+        >>> trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(TwoOptimizers(), torch.utils.data.DataLoader(data, batch_size=8))
+        >>> trainer.global_step                                            # 4 batches, 2 optimizers
+        8
+    """
+    trainer = _check(module, optimizer, closure, method, sync_perturbation)
+    raw = optimizer.optimizer
+    index = next(i for i, o in enumerate(trainer.optimizers) if o is raw)
+    update = _update_for(module, trainer, index, raw, method)
+    strategy = trainer.strategy
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    group = raw.param_groups[0]
+    try:
+        update.open_(int(group.get(_STEP_KEY, 0)))
+        raw.zero_grad(set_to_none=True)
+        if not update.is_sam_step:
+            loss = closure()
+            update.note_loss(loss)
+            module.manual_backward(loss)
+        else:
+            sync_clean = sync_perturbation or method.uses_clean_gradient
+            local = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+            with nullcontext() if sync_clean else local:
+                loss = closure()
+                update.ascend_(raw, loss, lambda: module.manual_backward(loss), lr=group["lr"])
+
+            def perturbed_pass() -> Tensor:
+                with _silent_log(module):
+                    perturbed_loss = closure()
+                module.manual_backward(perturbed_loss)
+                return perturbed_loss
+
+            update.descend_(perturbed_pass, loss_scale(scaler) if scaler is not None else None)
+        update.close_(
+            raw,
+            any_rank=lambda skip: strategy.reduce_boolean_decision(skip, all=False),
+            scaler=scaler is not None,
+        )
+        optimizer.step()
+    except BaseException:
+        update.abort_()
+        raise
+    update.end_()
+    group[_STEP_KEY] = int(group.get(_STEP_KEY, 0)) + 1
+    return loss.detach()
+
+
+def sam_step_stats(module: pl.LightningModule) -> dict[int, SAMStepStats]:
+    """The figures of the last SAM step of each optimizer that :func:`sam_step` ran, by optimizer index."""
+    updates: dict[int, tuple[Any, SAMUpdate]] = module.__dict__.get(_STATE, {})
+    return {i: u.last for i, (_, u) in sorted(updates.items()) if u.last is not None}
+
+
+def _check(
+    module: Any, optimizer: Any, closure: Any, method: Any, sync_perturbation: Any
+) -> pl.Trainer:
+    if not isinstance(module, pl.LightningModule):
+        raise TypeError(f"Expected `module` to be a LightningModule, got {type(module).__name__}.")
+    if module.automatic_optimization:
+        raise ValueError(
+            "`sam_step` is for manual optimization: set `self.automatic_optimization = False` in "
+            f"`{type(module).__name__}.__init__`, or keep automatic optimization and use SAMLightningModule."
+        )
+    if not isinstance(method, SAM):
+        raise TypeError(f"Expected `method` to be a method object (SAM, ASAM, GSAM, LookSAM), got {method!r}.")
+    if not callable(closure):
+        raise TypeError(f"Expected `closure` to be a callable returning the loss, got {closure!r}.")
+    if not isinstance(sync_perturbation, bool):
+        raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
+    trainer = module._trainer
+    if trainer is None:
+        raise RuntimeError("`sam_step` runs inside a Trainer's fit: call it from `training_step`.")
+    if not isinstance(optimizer, LightningOptimizer) or all(o is not optimizer.optimizer for o in trainer.optimizers):
+        raise TypeError(
+            f"Expected `optimizer` to be one of `{type(module).__name__}.optimizers()`, got {type(optimizer).__name__}."
+        )
+    return trainer
+
+
+def _update_for(module: Any, trainer: pl.Trainer, index: int, raw: torch.optim.Optimizer, method: SAM) -> SAMUpdate:
+    """The SAMUpdate of optimizer `index`, bound anew for each fit and each method object."""
+    updates: dict[int, tuple[Any, SAMUpdate]] = module.__dict__.setdefault(_STATE, {})
+    key = (id(trainer), id(raw), id(method))
+    found = updates.get(index)
+    if found is None or found[0] != key:
+        update = SAMUpdate(method)
+        if found is not None and found[1].method is method:
+            update.skipped_steps = found[1].skipped_steps
+        update.bind_(module, raw)
+        updates[index] = (key, update)
+    return updates[index][1]
+
+
+@contextmanager
+def _silent_log(module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` (and ``log_dict``, which calls it) does nothing inside: logs count once per step."""
+    shadowed = "log" in module.__dict__
+    previous = module.__dict__.get("log")
+    object.__setattr__(module, "log", lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        if shadowed:
+            object.__setattr__(module, "log", previous)
+        else:
+            object.__delattr__(module, "log")
