@@ -17,7 +17,14 @@ This is the only module of the package that imports Hydra.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shlex
+import shutil
+import sys
 import time
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +34,23 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sam.callbacks import SharpnessMonitor
+from lightning_sam.methods import method_from_config
 from lightning_sam.models import Classifier, SAMClassifier
+from lightning_sam.runs import AtomicCheckpointIO, Interrupted, RunLock, is_disk_full, raise_on_signals
+from lightning_sam.step import ModuleLayout
 
 __all__ = ["load_run", "main", "train"]
 
 log = logging.getLogger(__name__)
 
-# Lightning refuses these in manual optimization; with SAM they go to the module instead.
+# Run directories end in this process's id, so two runs started in the same second get their own.
+_RUN_ID = str(os.getpid())
+OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True)
+_HYDRA_FILES = {".hydra", "train.log", "debug.log"}  # what Hydra writes into a run directory by itself
 
 
 class ConfigError(ValueError):
@@ -61,9 +75,26 @@ def _enabled(node: Any) -> bool:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job from a composed config; returns the test metrics and where things are."""
+    """Run one training job from a composed config; returns the metrics and where things are.
+
+    Raises:
+        ConfigError: a config value is invalid (before any training); the message names the key.
+    """
     start = time.perf_counter()
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=DeprecationWarning)  # torch's, not ours
     _check_top_level(cfg)
+    resume = _Resume.of(cfg)
+    if resume.run_dir is not None:  # a run of this app: it continues in its own directory
+        with open_dict(cfg):
+            cfg.output_dir = str(resume.run_dir)
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    with RunLock(cfg.output_dir) if rank_zero else nullcontext():
+        if rank_zero:
+            _check_run_dir(cfg, resume)
+        return _train(cfg, resume, start)
+
+
+def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
@@ -71,22 +102,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     sam = _build(cfg, "sam") if use_sam else None
     net = _build(cfg, "model", num_classes=datamodule.num_classes)
     optimizer = _build(cfg, "optimizer")
-    scheduler = _build(cfg, "scheduler") if _enabled(cfg.scheduler) else None
-    _check_model_takes_data(cfg, net, datamodule)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    _warn_unreached_milestones(cfg, trainer_cfg)
-    callbacks = [_build(cfg.callbacks, name) for name, node in cfg.callbacks.items() if _enabled(node)]
-    loggers = [_build(cfg.logger, name) for name, node in cfg.logger.items() if _enabled(node)]
-    datamodule.prepare_data()  # generates MNIST-1D, or finds (or downloads) the CIFAR archive
-
+    _check_schedule(cfg, trainer_cfg)
+    scheduler = _build(cfg, "scheduler") if _enabled(cfg.scheduler) else None
+    _prepare_data(cfg, datamodule)  # generates MNIST-1D, or finds (or downloads) the CIFAR archive
+    _check_model_takes_data(cfg, net, datamodule)
     if use_sam:
         model: Classifier = SAMClassifier(net, datamodule.num_classes, optimizer, scheduler, sam=sam)
+        try:
+            ModuleLayout.of(model, sam)
+        except ValueError as err:
+            raise ConfigError(f"Invalid `sam.only={sam.only!r}`: {err}") from err
     else:
         model = Classifier(net, datamodule.num_classes, optimizer, scheduler)
+    resume.check_against(cfg, model, sam)
+    callbacks = [_build(cfg.callbacks, name) for name, node in cfg.callbacks.items() if _enabled(node)]
+    if not use_sam:
         callbacks = [c for c in callbacks if not isinstance(c, SharpnessMonitor)]
-    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    _check_monitors(cfg, logged=model.logged_keys(sam_steps=use_sam))
+    loggers = [
+        _build(cfg.logger, name, **({"resume_step": resume.step} if node._target_.endswith("RunCSVLogger") else {}))
+        for name, node in cfg.logger.items()
+        if _enabled(node)
+    ]
+    plugins = [AtomicCheckpointIO()]  # a crash or a full disk never leaves a truncated checkpoint
+    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
-    trainer.fit(model, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule, ckpt_path=resume.path)
 
     result: dict[str, Any] = {
         "output_dir": cfg.output_dir,
@@ -94,8 +136,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
     }
     result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}  # of training
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        result["best_val"] = float(checkpoint.best_model_score)  # the monitored value (val/acc)
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = checkpoint.best_model_path if checkpoint else ""
         tested = best or "the weights at the end of training"
         test = trainer.test(model, datamodule, ckpt_path=best or None, verbose=False)
         result.update(test[0] if test else {})
@@ -105,26 +150,168 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+class _Resume:
+    """What ``ckpt_path`` says: the checkpoint, its global step and, for a run of this app, its directory."""
+
+    def __init__(self, path: str | None, checkpoint: dict | None, run_dir: Path | None) -> None:
+        self.path, self.checkpoint, self.run_dir = path, checkpoint, run_dir
+        self.step = None if checkpoint is None else int(checkpoint.get("global_step", 0))
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> _Resume:
+        path = cfg.get("ckpt_path")
+        if path is None:
+            return cls(None, None, None)
+        if not isinstance(path, str) or not Path(path).is_file():
+            raise ConfigError(f"Expected `ckpt_path` to be a checkpoint file, got {path!r}: no such file.")
+        if Path(path).stat().st_size == 0:
+            raise ConfigError(f"Expected `ckpt_path` to be a checkpoint file, got {path!r}: the file is empty.")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, garbage, or not a torch file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"Expected `ckpt_path` to be a checkpoint file, got {path!r}: it cannot be read ({reason})."
+            ) from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ConfigError(f"Expected `ckpt_path` to be a Lightning checkpoint, got {path!r}: it has no state_dict.")
+        run = Path(path).resolve().parent.parent
+        is_run = Path(path).resolve().parent.name == "checkpoints" and (run / ".hydra" / "config.yaml").is_file()
+        return cls(path, checkpoint, run if is_run else None)
+
+    def check_against(self, cfg: DictConfig, model: pl.LightningModule, sam: Any) -> None:
+        """Refuse a checkpoint of another model; warn when the method changes."""
+        if self.checkpoint is None:
+            return
+        here = model.state_dict()
+        there = self.checkpoint["state_dict"]
+        for key in sorted(set(here) | set(there)):
+            if key not in here or key not in there or tuple(here[key].shape) != tuple(there[key].shape):
+                old, new = (tuple(d[key].shape) if key in d else "missing" for d in (there, here))
+                raise ConfigError(
+                    f"`ckpt_path={self.path}` holds another model: `{key}` is {old} in the checkpoint and "
+                    f"{new} with this config{self._differing_model_keys(cfg)}."
+                )
+        saved = (self.checkpoint.get("lightning_sam") or {}).get("config")
+        saved_method = method_from_config(saved) if saved else None
+        if saved_method is not None and sam is None:
+            log.warning("ckpt_path was trained with %r; resuming it with sam=none (no SAM) from here on.", saved_method)
+
+    def _differing_model_keys(self, cfg: DictConfig) -> str:
+        if self.run_dir is None:
+            return ""
+        old = OmegaConf.load(self.run_dir / ".hydra" / "config.yaml").get("model", {})
+        keys = [
+            f"model.{k}={old.get(k)!r} there, {cfg.model.get(k)!r} here"
+            for k in cfg.model
+            if old.get(k) != cfg.model.get(k)
+        ]
+        return f" ({'; '.join(keys)})" if keys else ""
+
+
+def _check_run_dir(cfg: DictConfig, resume: _Resume) -> None:
+    """A directory holding another run's checkpoints is refused, unless this run resumes it."""
+    checkpoints = Path(cfg.output_dir) / "checkpoints"
+    found = sorted(checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+    resuming_it = resume.path is not None and Path(resume.path).resolve().parent == checkpoints.resolve()
+    if found and not resuming_it:
+        raise ConfigError(
+            f"The run directory {cfg.output_dir} already holds the checkpoints of another run "
+            f"({', '.join(p.name for p in found[:3])}). Resume it with ckpt_path={checkpoints / 'last.ckpt'}, "
+            "or pick another directory (hydra.run.dir=...)."
+        )
+
+
+def _prepare_data(cfg: DictConfig, datamodule: Any) -> None:
+    try:
+        datamodule.prepare_data()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    except OSError as err:  # e.g. data.download=true without a network
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"Could not get the data for data={_choices(cfg).get('data', '?')} into "
+            f"data.data_dir={cfg.data.get('data_dir')!r} ({reason}). Put the archive there yourself, or check the "
+            "network for data.download=true."
+        ) from err
+
+
 def _check_top_level(cfg: DictConfig) -> None:
-    """Type checks Hydra cannot do for us, with the key in the message."""
+    """Type and range checks Hydra cannot do for us, with the key in the message, before anything is built."""
+    optimizer, model, data = cfg.optimizer, cfg.model, cfg.data
     checks = [
-        ("seed", cfg.get("seed"), lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+        ("seed", cfg.get("seed"), lambda v: _is_int(v, 0) and v < 2**32, "an int in [0, 2**32)"),
         ("test", cfg.get("test", True), lambda v: isinstance(v, bool), "true or false"),
-        ("trainer.max_epochs", cfg.trainer.get("max_epochs"), lambda v: v is None or _is_int(v, -1), "an int >= -1"),
-        ("trainer.max_steps", cfg.trainer.get("max_steps", -1), lambda v: _is_int(v, -1), "an int >= -1"),
+        ("trainer.max_epochs", cfg.trainer.get("max_epochs"), lambda v: v is None or v == -1 or _is_int(v, 1),
+         "an int >= 1 (or -1 with trainer.max_steps, no end by epochs)"),
+        ("trainer.max_steps", cfg.trainer.get("max_steps", -1), lambda v: v == -1 or _is_int(v, 1),
+         "-1 or an int >= 1"),
+        ("trainer.limit_train_batches", cfg.trainer.get("limit_train_batches", 1.0),
+         lambda v: _is_number(v) and v > 0, "a positive number (0 would train nothing)"),
         ("trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1), lambda v: _is_int(v, 1),
          "an int >= 1"),
         ("trainer.gradient_clip_val", cfg.trainer.get("gradient_clip_val"),
-         lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-         "null or a non-negative number"),
+         lambda v: v is None or (_is_number(v) and v >= 0), "null or a non-negative number"),
+        ("trainer.gradient_clip_algorithm", cfg.trainer.get("gradient_clip_algorithm", "norm"),
+         lambda v: v in ("norm", "value"), "one of 'norm', 'value'"),
+        ("optimizer.lr", optimizer.get("lr"), lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+        ("optimizer.momentum", optimizer.get("momentum", 0.0), lambda v: _is_number(v) and 0 <= v <= 1,
+         "a number in [0, 1]"),
+        ("optimizer.weight_decay", optimizer.get("weight_decay", 0.0), lambda v: _is_number(v) and v >= 0,
+         "a non-negative number"),
+        ("optimizer.betas", optimizer.get("betas", [0.9, 0.999]),
+         lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("model.dropout", model.get("dropout", 0.0), lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("data.num_workers", data.get("num_workers", 0), lambda v: _is_int(v, 0), "an int >= 0"),
+        ("data.val_fraction", data.get("val_fraction", 0.1), lambda v: _is_number(v) and 0 <= v < 1,
+         "a fraction in [0, 1)"),
     ]  # fmt: skip
+    checks += [(f"model.{k}", model.get(k), lambda v: _is_int(v, 1), "an int >= 1")
+               for k in ("channels", "depth", "width") if k in model]  # fmt: skip
     for key, value, ok, accepted in checks:
-        if not ok(value):
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
             raise ConfigError(f"Expected `{key}` to be {accepted}, got {value!r}.")
+    if cfg.data.get("val_fraction", 0.1) == 0:
+        log.warning(
+            "data.val_fraction=0: no validation split, so no best checkpoint can be chosen; the weights at the end "
+            "of training are tested."
+        )
 
 
 def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_schedule(cfg: DictConfig, trainer_cfg: dict) -> None:
+    """A schedule that needs the length of the run gets one."""
+    if _enabled(cfg.scheduler) and "T_max" in cfg.scheduler:
+        t_max = cfg.scheduler.T_max
+        if not _is_int(t_max, 1):
+            raise ConfigError(
+                f"Expected `scheduler.T_max` to be an int >= 1 (epochs to decay over), got {t_max!r}: with "
+                f"trainer.max_epochs={trainer_cfg.get('max_epochs')!r} the run has no end by epochs. Set "
+                "scheduler.T_max, or use scheduler=none or scheduler=step."
+            )
+    _warn_unreached_milestones(cfg, trainer_cfg)
+
+
+def _check_monitors(cfg: DictConfig, logged: set[str]) -> None:
+    """Every monitored metric is one the module logs (else it would fail after an epoch of training)."""
+    for name, node in cfg.callbacks.items():
+        monitor = node.get("monitor") if _enabled(node) else None
+        if monitor is not None and monitor not in logged:
+            raise ConfigError(
+                f"Expected `callbacks.{name}.monitor` to be one of {sorted(logged)} (what the model logs), "
+                f"got {monitor!r}."
+            )
 
 
 def _check_model_takes_data(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) -> None:
@@ -214,8 +401,55 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[Any, Any]:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_sam.configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra entry point; returns the test accuracy (for sweepers)."""
-    return train(cfg).get("test/acc")
+    """The Hydra entry point; returns the best validation accuracy (the objective for sweepers, never the test split).
+
+    Config errors print one line and exit with status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback);
+    SIGINT/SIGTERM print the command that resumes the run and exit with 128 + the signal's number.
+    """
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with raise_on_signals():
+            result = train(cfg)
+    except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _remove_if_unused(hydra_dir)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Interrupted as err:
+        print(f"\n{err}. {_resume_hint(cfg)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + err.signum) from None
+    except Exception as err:
+        if not is_disk_full(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: no space left on device ({err}). {_resume_hint(cfg)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if Path(cfg.output_dir).resolve() != hydra_dir.resolve():  # resumed in its own run directory
+        _merge_log_and_remove(hydra_dir, Path(cfg.output_dir))
+    return result.get("best_val")
+
+
+def _resume_hint(cfg: DictConfig) -> str:
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "No epoch had finished, so there is nothing to resume: start the run again."
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    command = ["python", "-m", "lightning_sam.train", *overrides, f"ckpt_path={last}"]
+    return f"Resume with:\n  {shlex.join(command)}"
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote for a run that never started."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _HYDRA_FILES | {".run.lock"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _merge_log_and_remove(hydra_dir: Path, run_dir: Path) -> None:
+    log_file = hydra_dir / "train.log"
+    if log_file.is_file():
+        with (run_dir / "train.log").open("a") as out:
+            out.write(log_file.read_text())
+    _remove_if_unused(hydra_dir)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,20 @@ def test_fsdp_v1_is_refused_with_a_pointer_to_fsdp2():
         SAMClassifier()._sam_check_trainer(fake)
 
 
+def test_strategies_that_accumulate_in_their_own_engine_are_refused():
+    # DeepSpeed is not installed here; what the check looks at is the strategy's own flag
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class EngineStrategy(SingleDeviceStrategy):
+        handles_gradient_accumulation = True
+
+    fake = SimpleNamespace(strategy=EngineStrategy("cpu"), accumulate_grad_batches=1, callbacks=[])
+    with pytest.raises(ValueError, match=r"cannot run under EngineStrategy.*its own engine.*Use DDP"):
+        SAMClassifier()._sam_check_trainer(fake)
+
+
 def test_sync_batchnorm_statistics_are_frozen_in_the_perturbed_pass():
     # SyncBatchNorm needs GPUs to synchronize; in one process it runs as BatchNorm, which checks the
     # freezing (it is a _BatchNorm). The 2-GPU run is in benchmarks/gpu_checks.py.

@@ -106,7 +106,7 @@ def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
     assert sam_keys <= columns if "sam=none" not in overrides else not (sam_keys & columns)
 
 
-def test_app_passes_accumulation_and_clipping_to_the_module(tmp_path, data_dir):
+def test_app_passes_accumulation_and_clipping_to_the_trainer(tmp_path, data_dir):
     cfg = compose_cfg(
         tmp_path, data_dir, "debug=default", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"
     )
@@ -202,28 +202,92 @@ def test_cifar_batches_are_augmented_only_in_training(data_dir):
         ("sam=asam sam.eta=-1", r"`sam.eta` to be a finite, non-negative float"),
         ("data.label_noise=1.0", r"`data.label_noise` to be a fraction in \[0, 1\), got 1.0"),
         ("data.batch_size=0", r"`data.batch_size` to be an int >= 1, got 0"),
-        ("data=cifar10 model=resnet18", r"CIFAR-10 is not in data.data_dir=.*data.download=true"),
         ("data.label_noise=abc", r"`data.label_noise` to be a fraction in \[0, 1\), got 'abc'"),
-        ("seed=abc", r"`seed` to be an int, got 'abc'"),
+        ("seed=abc", r"`seed` to be an int in \[0, 2\*\*32\), got 'abc'"),
+        ("seed=-1", r"`seed` to be an int in \[0, 2\*\*32\), got -1"),
         ("test=maybe", r"`test` to be true or false, got 'maybe'"),
         ("sam=none trainer.accumulate_grad_batches=0", r"`trainer.accumulate_grad_batches` to be an int >= 1, got 0"),
         ("sam=none trainer.gradient_clip_val=-1", r"`trainer.gradient_clip_val` to be null or a non-negative"),
+        ("trainer.gradient_clip_algorithm=foo", r"`trainer.gradient_clip_algorithm` to be one of 'norm', 'value'"),
         ("model=resnet18", r"model=resnet18 does not take the inputs of data=mnist1d \(samples of shape \(1, 40\)\)"),
+        ("optimizer.lr=abc", r"`optimizer.lr` to be a non-negative number, got 'abc'"),
+        ("optimizer.lr=-0.1", r"`optimizer.lr` to be a non-negative number, got -0.1"),
+        ("optimizer=adamw optimizer.betas=[2,0]", r"`optimizer.betas` to be two numbers in \[0, 1\), got \[2, 0\]"),
+        ("model=wrn28_10 model.dropout=2", r"`model.dropout` to be a number in \[0, 1\), got 2"),
+        ("model.channels=0", r"`model.channels` to be an int >= 1, got 0"),
+        ("data.num_workers=-1", r"`data.num_workers` to be an int >= 0, got -1"),
+        ("data=cifar10", r"CIFAR-10 is not in data.data_dir=.*data.download=true"),
+        ("sam.only=nomatch", r"Invalid `sam.only='nomatch'`: `only='nomatch'` selects no parameter"),
+        ("callbacks.checkpoint.monitor=val/acc_typo",
+         r"`callbacks.checkpoint.monitor` to be one of \[.*'val/acc'.*got 'val/acc_typo'"),
+        ("trainer.max_epochs=-1", r"`scheduler.T_max` to be an int >= 1 .*trainer.max_epochs=-1"),
+        ("trainer.max_epochs=0", r"`trainer.max_epochs` to be an int >= 1"),
+        ("trainer.limit_train_batches=0", r"`trainer.limit_train_batches` to be a positive number"),
+        ("ckpt_path=/nonexistent/last.ckpt",
+         r"`ckpt_path` to be a checkpoint file, got '/nonexistent/last.ckpt': no such"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_named_before_training(tmp_path, data_dir, override, match):
     overrides = override.split()
+    cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
     if overrides[0] == "data=cifar10":
-        cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
         with open_dict(cfg):
             cfg.data.data_dir = str(tmp_path / "empty")
-        error = FileNotFoundError
-    else:
-        cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
-        error = ConfigError
-    with pytest.raises(error, match=match):
+    with pytest.raises(ConfigError, match=match):
         train(cfg)
-    assert not (tmp_path / "metrics.csv").exists()
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(b"", "the file is empty"), (b"garbage" * 10, "it cannot be read"), ("truncated", "it cannot be read")],
+    ids=["empty", "garbage", "truncated"],
+)
+def test_unreadable_checkpoints_are_named(tmp_path, data_dir, content, match):
+    path = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        path.write_bytes(content)
+    cfg = compose_cfg(tmp_path / "run", data_dir, "debug=default", f"ckpt_path={path}")
+    with pytest.raises(ConfigError, match=rf"`ckpt_path` to be a checkpoint file, got '{path}': {match}"):
+        train(cfg)
+
+
+def test_a_checkpoint_of_another_model_names_the_key(tmp_path, data_dir):
+    train(compose_cfg(tmp_path / "a", data_dir, "debug=default", "test=false", "model.channels=16"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(tmp_path / "b", data_dir, "debug=default", f"ckpt_path={ckpt}")
+    with pytest.raises(ConfigError, match=r"holds another model: `net\.classifier\.weight` is \(10, 16\) in the checkpoint and \(10, 32\)"):
+        train(cfg)
+
+
+def test_download_without_network_is_named(tmp_path, data_dir, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    cfg = compose_cfg(tmp_path, data_dir, "debug=default", "data=cifar10", "data.download=true")
+    with open_dict(cfg):
+        cfg.data.data_dir = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"Could not get the data for data=cifar10 .*network is unreachable"):
+        train(cfg)
+
+
+def test_degenerate_but_valid_settings_warn(tmp_path, data_dir, caplog):
+    with caplog.at_level("WARNING", logger="lightning_sam.train"):
+        train(compose_cfg(tmp_path / "a", data_dir, "debug=default", "data.val_fraction=0"))
+    assert "data.val_fraction=0: no validation split" in caplog.text
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_sam.train"):
+        train(compose_cfg(tmp_path / "b", data_dir, "debug=default", "sam=none", "trainer.max_epochs=2",
+                          f"ckpt_path={ckpt}"))  # fmt: skip
+    assert "trained with SAM(rho=0.05); resuming it with sam=none" in caplog.text
 
 
 def test_unknown_group_option_lists_the_accepted_ones(tmp_path, data_dir):

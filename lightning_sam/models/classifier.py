@@ -64,6 +64,13 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def logged_keys(self, sam_steps: bool = False) -> set[str]:
+        """The metric names this module logs during ``fit`` (with ``sam_steps``: also SharpnessMonitor's)."""
+        keys = {"train/loss", "train/acc", "val/loss", "val/acc"}
+        if sam_steps:
+            keys |= {"sam/sharpness", "sam/perturbed_loss", "sam/eps_norm", "sam/grad_norm", "sam/rho"}
+        return keys
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
