@@ -24,7 +24,8 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +82,58 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ConfigError: a config value is invalid (before any training); the message names the key.
     """
     start = time.perf_counter()
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=DeprecationWarning)  # torch's, not ours
+    # torch's own deprecation notice, raised inside Lightning on every run: not the user's to act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     _check_top_level(cfg)
     resume = _Resume.of(cfg)
     if resume.run_dir is not None:  # a run of this app: it continues in its own directory
         with open_dict(cfg):
             cfg.output_dir = str(resume.run_dir)
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    with RunLock(cfg.output_dir) if rank_zero else nullcontext():
+    with _holding(cfg) if rank_zero else nullcontext():
         if rank_zero:
             _check_run_dir(cfg, resume)
         return _train(cfg, resume, start)
 
 
+@contextmanager
+def _holding(cfg: DictConfig) -> Iterator[None]:
+    """The run directory's lock, for the whole run; a directory in use by another run is a config error.
+
+    A refused run's Hydra has written its .hydra/ files into the directory before it was refused: this
+    run's own are written again when it takes the lock and when it ends.
+    """
+    lock = RunLock(cfg.output_dir)
+    try:
+        lock.__enter__()
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        _rewrite_hydra_files(cfg)
+        yield
+    finally:
+        _rewrite_hydra_files(cfg)
+        lock.__exit__(None, None, None)
+
+
+def _rewrite_hydra_files(cfg: DictConfig) -> None:
+    """Write this run's .hydra/ files again once it holds the directory (a refused run may have overwritten them)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    if output_dir is None or hydra_cfg.output_subdir is None or Path(output_dir) != Path(cfg.output_dir):
+        return  # composed without a run (tests), or a resumed run writing into its own directory
+    folder = Path(output_dir) / str(hydra_cfg.output_subdir)
+    if not folder.is_dir():
+        return
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    OmegaConf.save(task, folder / "config.yaml", resolve=False)
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+
+
 def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
-    pl.seed_everything(cfg.seed, workers=True)  # before the model is built: its initial weights too
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
     use_sam = _enabled(cfg.sam)
@@ -126,6 +164,8 @@ def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
         if _enabled(node)
     ]
     plugins = [AtomicCheckpointIO()]  # a crash or a full disk never leaves a truncated checkpoint
+    if resume.run_dir is not None:  # its checkpoints are this run's own
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
     trainer.fit(model, datamodule, ckpt_path=resume.path)
@@ -440,7 +480,7 @@ def _resume_hint(cfg: DictConfig) -> str:
 
 def _remove_if_unused(run_dir: Path) -> None:
     """Remove a run directory that holds only what Hydra wrote for a run that never started."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _HYDRA_FILES | {".run.lock"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _HYDRA_FILES:  # a lock: another run's
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

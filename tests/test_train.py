@@ -259,7 +259,8 @@ def test_a_checkpoint_of_another_model_names_the_key(tmp_path, data_dir):
     train(compose_cfg(tmp_path / "a", data_dir, "debug=default", "test=false", "model.channels=16"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     cfg = compose_cfg(tmp_path / "b", data_dir, "debug=default", f"ckpt_path={ckpt}")
-    with pytest.raises(ConfigError, match=r"holds another model: `net\.classifier\.weight` is \(10, 16\) in the checkpoint and \(10, 32\)"):
+    message = r"holds another model: `net\.classifier\.weight` is \(10, 16\) in the checkpoint and \(10, 32\)"
+    with pytest.raises(ConfigError, match=message):
         train(cfg)
 
 
@@ -276,6 +277,13 @@ def test_download_without_network_is_named(tmp_path, data_dir, monkeypatch):
         cfg.data.data_dir = str(tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"Could not get the data for data=cifar10 .*network is unreachable"):
         train(cfg)
+
+
+def test_the_objective_is_the_best_validation_accuracy(tmp_path, data_dir):
+    result = train(compose_cfg(tmp_path, data_dir, "debug=default", "trainer.max_epochs=3"))
+    with open(tmp_path / "metrics.csv") as f:
+        val = [float(r["val/acc"]) for r in csv.DictReader(f) if r["val/acc"]]
+    assert len(val) == 3 and result["best_val"] == pytest.approx(max(val))
 
 
 def test_degenerate_but_valid_settings_warn(tmp_path, data_dir, caplog):
@@ -314,6 +322,7 @@ def test_command_line(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy:" in result.stdout
     assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    assert "exists and is not empty" not in result.stderr and "LeafSpec" not in result.stderr  # no false alarms
     bad = subprocess.run(
         [
             sys.executable,
