@@ -12,7 +12,7 @@ import torch
 from lightning_sam.backup import WeightBackup
 from lightning_sam.callbacks import SharpnessMonitor
 from lightning_sam.manual import sam_step
-from lightning_sam.methods import ASAM, GSAM, SAM, LookSAM, ParamGroup, RhoSchedule
+from lightning_sam.methods import AESAM, ASAM, GSAM, SAM, FriendlySAM, LatePhaseSAM, LookSAM, ParamGroup, RhoSchedule
 from lightning_sam.module import SAMLightningModule
 from lightning_sam.step import SAMStepStats
 from lightning_sam.tensors import global_norm
@@ -20,9 +20,12 @@ from lightning_sam.tensors import global_norm
 __version__ = "0.2.0"
 
 __all__ = [
+    "AESAM",
     "ASAM",
     "GSAM",
     "SAM",
+    "FriendlySAM",
+    "LatePhaseSAM",
     "LookSAM",
     "ParamGroup",
     "RhoSchedule",
@@ -36,4 +39,4 @@ __all__ = [
 ]
 
 # Checkpoints written by earlier versions may hold a method object; let `torch.load(weights_only=True)` read them.
-torch.serialization.add_safe_globals([SAM, ASAM, GSAM, LookSAM, RhoSchedule])
+torch.serialization.add_safe_globals([SAM, ASAM, GSAM, LookSAM, RhoSchedule])  # the methods of 0.1

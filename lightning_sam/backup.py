@@ -180,6 +180,18 @@ class GradientStash:
                 else:
                     p.grad = s.clone()
 
+    def add_back_(self, params: Sequence[Tensor]) -> None:
+        """``p.grad <- p.grad + sum``: the micro-batch's own gradient joins the earlier ones (a plain step)."""
+        current = {id(p): p for p in params}
+        with torch.no_grad():
+            for p, s in zip(self._params, self._sums):
+                if id(p) not in current:
+                    continue
+                if p.grad is None:
+                    p.grad = s.clone()
+                else:
+                    local([p.grad])[0].add_(local([s])[0])
+
     def discard(self) -> None:
         """Forget the sums (the update is over); the storage is kept for the next one."""
         self._params = []

@@ -73,6 +73,9 @@ class SharpnessMonitor(Callback):
             for key, value in figures.as_dict().items():
                 name = key if index is None else key.replace("sam/", f"sam/opt{index}/", 1)
                 pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=True)
+        if isinstance(pl_module, SAMLightningModule):  # the method's own figures (AE-SAM: its share of SAM steps)
+            for key, value in pl_module.sam.figures().items():
+                pl_module.log(key, float(value), on_step=True, on_epoch=False, sync_dist=True)
 
 
 class HessianMonitor(Callback):

@@ -8,6 +8,7 @@ restore), driven through ``manual_backward`` and ``LightningOptimizer.step``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -21,6 +22,7 @@ from torch import Tensor
 from lightning_sam._compat import loss_scale
 from lightning_sam.methods import SAM
 from lightning_sam.step import SAMStepStats, SAMUpdate
+from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
 
 __all__ = ["sam_step", "sam_step_stats"]
 
@@ -105,9 +107,12 @@ def sam_step(
         else:
             sync_clean = sync_perturbation or method.uses_clean_gradient
             local = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+            any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
             with nullcontext() if sync_clean else local:
                 loss = closure()
-                update.ascend_(raw, loss, lambda: module.manual_backward(loss), lr=group["lr"])
+                ascended = update.ascend_(
+                    raw, loss, lambda: module.manual_backward(loss), lr=group["lr"], any_rank=any_rank
+                )
 
             def perturbed_pass() -> Tensor:
                 with _silent_log(module):
@@ -115,7 +120,10 @@ def sam_step(
                 module.manual_backward(perturbed_loss)
                 return perturbed_loss
 
-            update.descend_(perturbed_pass, loss_scale(scaler) if scaler is not None else None)
+            if ascended:
+                update.descend_(perturbed_pass, loss_scale(scaler) if scaler is not None else None)
+            elif not sync_clean and is_distributed_ddp(strategy.model):  # an adaptive method's plain step
+                all_reduce_mean_([p.grad for g in raw.param_groups for p in g["params"] if p.grad is not None])
         update.close_(
             raw,
             any_rank=lambda skip: strategy.reduce_boolean_decision(skip, all=False),
@@ -171,7 +179,8 @@ def _update_for(module: Any, trainer: pl.Trainer, index: int, raw: torch.optim.O
         update = SAMUpdate(method)
         if found is not None and found[1].method is method:
             update.skipped_steps = found[1].skipped_steps
-        update.bind_(module, raw)
+        total = trainer.estimated_stepping_batches  # batches: each optimizer steps once per batch at most
+        update.bind_(module, raw, total_steps=None if math.isinf(total) else int(total))
         updates[index] = (key, update)
     return updates[index][1]
 

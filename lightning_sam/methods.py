@@ -49,9 +49,12 @@ from typing_extensions import override
 from lightning_sam.tensors import add_scaled_, copy_into, global_dot, global_norm, local, norm_of_norms
 
 __all__ = [
+    "AESAM",
     "ASAM",
     "GSAM",
     "SAM",
+    "FriendlySAM",
+    "LatePhaseSAM",
     "Ascent",
     "LookSAM",
     "ParamGroup",
@@ -206,6 +209,8 @@ class SAM:
 
     #: whether the descent uses the clean gradient too (then under DDP it is all-reduced)
     uses_clean_gradient: ClassVar[bool] = False
+    #: whether the method decides after the clean backward if a step is a SAM step (:meth:`wants_sam_`)
+    adaptive: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -286,6 +291,17 @@ class SAM:
         inv = 1.0 / (grad_norm + _NORM_EPS)
         scales = [inv * g.rho for g in groups]  # e = rho * g / ||g||: the direction is g itself
         return Ascent(grad_norm, norm_of_norms([n * s for n, s in zip(group_norms, scales)]), scales)
+
+    def plan_(self, total_steps: int | None) -> None:
+        """Learn how many optimizer steps the run takes (``None``: unknown); SAM: nothing."""
+
+    def wants_sam_(self, grad_norm: Tensor) -> bool:
+        """For ``adaptive`` methods: after the clean backward, whether this step perturbs (``||g||`` given)."""
+        return True
+
+    def figures(self) -> dict[str, float]:
+        """Figures of the method itself to log with the step's (AE-SAM: the fraction of SAM steps)."""
+        return {}
 
     def bind_(self, params: Sequence[Tensor]) -> None:
         """Learn the parameters this method will see, in a stable order (the optimizer's).
@@ -539,18 +555,254 @@ class LookSAM(SAM):
             self._pending = state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved, bound = state["gv"], self._bound
-        index = state.get("index", range(len(saved)))  # older checkpoints: every parameter, in order
-        if len(index) != len(saved) or any(i >= len(bound) for i in index):
-            raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
-        params = [bound[i] for i in index]
-        if any(local([p])[0].shape != t.shape for p, t in zip(params, saved)):
-            raise ValueError("The LookSAM state in the checkpoint does not match the model's parameters.")
-        self._gv_params = params
-        self._gv = [torch.empty_like(p) for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(local(self._gv), [t.to(p.device) for t, p in zip(saved, local(self._gv))])
+        self._gv_params, self._gv = _restore_per_parameter("LookSAM", state["gv"], state.get("index"), self._bound)
         self._gv_norm = global_norm(self._gv)
+
+
+def _per_parameter_state(params: list[Tensor], values: list[Tensor], bound: list[Tensor] | None) -> dict[str, Any]:
+    """Per-parameter tensors as checkpoint data: local shards and their positions in the bound parameter list."""
+    index = {id(p): i for i, p in enumerate(bound if bound is not None else params)}
+    return {"values": [t.detach().clone() for t in local(values)], "index": [index[id(p)] for p in params]}
+
+
+def _restore_per_parameter(
+    name: str, saved: list[Tensor], index: Sequence[int] | None, bound: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters and tensors :func:`_per_parameter_state` described, on the parameters' devices."""
+    index = range(len(saved)) if index is None else index  # older checkpoints: every parameter, in order
+    if len(index) != len(saved) or any(i >= len(bound) for i in index):
+        raise ValueError(f"The {name} state in the checkpoint does not match the model's parameters.")
+    params = [bound[i] for i in index]
+    if any(local([p])[0].shape != t.shape for p, t in zip(params, saved)):
+        raise ValueError(f"The {name} state in the checkpoint does not match the model's parameters.")
+    values = [torch.empty_like(p) for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(local(values), [t.to(v.device) for t, v in zip(saved, local(values))])
+    return params, values
+
+
+class LatePhaseSAM(SAM):
+    """Late-phase SAM (Zhou et al., ICLR 2025): plain steps first, SAM from ``start`` on.
+
+    SAM applied only in the last part of training selects flat minima about as well as SAM throughout,
+    at a fraction of its cost.
+
+    Args:
+        rho: SAM's radius.
+        start: the first SAM step: an int (an optimizer step) or a float in ``[0, 1]``, a fraction of
+            the run's optimizer steps (``Trainer.estimated_stepping_batches``, so the run needs an end
+            by ``max_epochs`` or ``max_steps``). ``0`` is SAM.
+        **options: ``interval``, ``rho_schedule``, ``only``, as for :class:`SAM` (they apply from ``start`` on).
+
+    Example::
+
+        >>> method = LatePhaseSAM(rho=0.05, start=0.75)
+        >>> method.plan_(total_steps=100)
+        >>> [method.takes_sam_step(t) for t in (0, 74, 75, 99)]
+        [False, False, True, True]
+    """
+
+    def __init__(self, rho: float = 0.05, start: float = 0.8, **options: Any) -> None:
+        super().__init__(rho, **options)
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise TypeError(f"Expected `start` to be an int step >= 0 or a float fraction in [0, 1], got {start!r}.")
+        if (isinstance(start, int) and start < 0) or (isinstance(start, float) and not 0.0 <= start <= 1.0):
+            raise ValueError(f"Expected `start` to be an int step >= 0 or a float fraction in [0, 1], got {start!r}.")
+        self.start = start
+
+    def _repr_args(self) -> str:
+        return f"rho={self.rho}, start={self.start!r}"
+
+    @override
+    def plan_(self, total_steps: int | None) -> None:
+        self._total_steps = total_steps
+
+    @property
+    def start_step(self) -> int:
+        """The first SAM step."""
+        if isinstance(self.start, int):
+            return self.start
+        total = self.__dict__.get("_total_steps")
+        if total is None:
+            raise ValueError(
+                f"LatePhaseSAM(start={self.start}) is a fraction of the run, but the run's length is unknown: give "
+                "the Trainer max_epochs or max_steps, or `start` as a step."
+            )
+        return math.ceil(self.start * total)
+
+    @override
+    def takes_sam_step(self, step: int) -> bool:
+        return step >= self.start_step and super().takes_sam_step(step - self.start_step)
+
+
+class AESAM(SAM):
+    """Adaptive policy SAM (AE-SAM, Jiang et al., ICLR 2023): SAM only where the loss surface is sharp.
+
+    After each clean backward it compares ``x = ||g||^2`` with exponential moving averages of its mean
+    ``mu`` and variance ``s^2`` (decay ``beta``): a SAM step when ``x > mu + c * s``, else a plain step
+    with the clean gradient (one forward/backward). ``c = -inf`` is SAM, ``c = +inf`` plain training.
+    The statistics are updated with every step and saved in checkpoints. Deciding costs one host sync
+    per step (and under DDP one more collective: a SAM step on every replica if one of them asks).
+
+    Args:
+        rho: SAM's radius.
+        c: the threshold in standard deviations above the mean (the paper anneals it; here constant).
+        beta: the decay of the moving averages, in ``[0, 1)``.
+        **options: ``rho_schedule``, ``only``, as for :class:`SAM`.
+
+    Example::
+
+        >>> method = AESAM(rho=0.05, c=0.0)
+        >>> [method.wants_sam_(torch.tensor(x).sqrt()) for x in (1.0, 1.0, 9.0, 1.0)]
+        [False, False, True, False]
+        >>> round(method.sam_fraction, 2)
+        0.25
+    """
+
+    adaptive = True
+
+    def __init__(self, rho: float = 0.05, c: float = 0.0, beta: float = 0.9, **options: Any) -> None:
+        if options.get("interval", 1) != 1:
+            raise ValueError(f"AESAM decides every step itself; expected no `interval`, got {options}.")
+        super().__init__(rho, **options)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or math.isnan(c):
+            raise TypeError(f"Expected `c` to be a float (+-inf allowed), got {c!r}.")
+        self.c = float(c)
+        beta = check_non_negative("beta", beta)
+        if beta >= 1:
+            raise ValueError(f"Expected `beta` to be a float in [0, 1), got {beta!r}.")
+        self.beta = beta
+
+    @property
+    def _stats(self) -> dict[str, Any]:
+        # created on first use: copies and pickles carry the configuration only
+        return self.__dict__.setdefault("_statistics", {"mean": 0.0, "var": 0.0, "steps": 0, "sam_steps": 0})
+
+    def _repr_args(self) -> str:
+        return f"rho={self.rho}, c={self.c}, beta={self.beta}"
+
+    @override
+    def wants_sam_(self, grad_norm: Tensor) -> bool:
+        x = float(grad_norm) ** 2
+        stats = self._stats
+        if stats["steps"] == 0:
+            stats["mean"], stats["var"] = x, 0.0
+        if self.c == math.inf:
+            sam = False
+        elif self.c == -math.inf:
+            sam = True
+        else:
+            sam = x > stats["mean"] + self.c * math.sqrt(stats["var"])
+        delta = x - stats["mean"]
+        stats["mean"] += (1 - self.beta) * delta
+        stats["var"] = self.beta * (stats["var"] + (1 - self.beta) * delta * delta)
+        stats["steps"] += 1
+        stats["sam_steps"] += sam
+        return sam
+
+    @property
+    def sam_fraction(self) -> float:
+        """The fraction of steps that were SAM steps so far."""
+        return self._stats["sam_steps"] / max(self._stats["steps"], 1)
+
+    @override
+    def figures(self) -> dict[str, float]:
+        return {"sam/sam_fraction": self.sam_fraction}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": dict(self._stats)}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stats" in state:
+            self.__dict__["_statistics"] = dict(state["stats"])
+
+
+class FriendlySAM(SAM):
+    """Friendly SAM (F-SAM, Li et al., CVPR 2024): the ascent without the full-gradient component.
+
+    The full gradient is estimated by an exponential moving average of the batch gradients,
+    ``m <- lam * m + (1 - lam) * g``; the ascent follows ``d = g - sigma * m``:
+    ``e = rho * d / ||d||``. ``sigma = 0`` is SAM. ``m`` (one more parameter-sized buffer) is kept per
+    parameter and saved in checkpoints, so a resumed run continues exactly.
+
+    Args:
+        rho: SAM's radius.
+        sigma: how much of the estimated full gradient is removed, finite and non-negative (the paper: 1).
+        lam: the decay of the moving average, in ``[0, 1)`` (the paper: 0.9 or higher; here 0.9).
+        **options: ``interval``, ``rho_schedule``, ``only``, as for :class:`SAM`.
+
+    Example::
+
+        >>> FriendlySAM(rho=0.05, sigma=1.0, lam=0.9)
+        FriendlySAM(rho=0.05, sigma=1.0, lam=0.9)
+    """
+
+    def __init__(self, rho: float = 0.05, sigma: float = 1.0, lam: float = 0.9, **options: Any) -> None:
+        super().__init__(rho, **options)
+        self.sigma = check_non_negative("sigma", sigma)
+        lam = check_non_negative("lam", lam)
+        if lam >= 1:
+            raise ValueError(f"Expected `lam` to be a float in [0, 1), got {lam!r}.")
+        self.lam = lam
+
+    def _repr_args(self) -> str:
+        return f"rho={self.rho}, sigma={self.sigma}, lam={self.lam}"
+
+    @override
+    def bind_(self, params: Sequence[Tensor]) -> None:
+        self._bound = list(params)
+        pending = self.__dict__.pop("_pending", None)
+        if pending is not None:
+            restored = _restore_per_parameter("FriendlySAM", pending["values"], pending["index"], self._bound)
+            self._m_params, self._m = restored
+
+    @torch.no_grad()
+    @override
+    def ascent_(self, groups: Sequence[ParamGroup]) -> Ascent:
+        """``m <- lam m + (1 - lam) g``; ``g <- g - sigma m`` (the direction ``d``); then SAM's ascent along ``d``."""
+        stored = dict(zip(map(id, self.__dict__.get("_m_params", [])), self.__dict__.get("_m", [])))
+        params = [p for g in groups for p in g.params]
+        grads = [d for g in groups for d in g.grads]
+        for p, grad in zip(params, grads):
+            if id(p) not in stored:  # m starts at 0
+                stored[id(p)] = torch.zeros_like(grad)
+        ms = [stored[id(p)] for p in params]
+        if ms:
+            torch._foreach_mul_(local(ms), self.lam)
+            torch._foreach_add_(local(ms), local(grads), alpha=1 - self.lam)
+            if self.sigma:
+                torch._foreach_add_(local(grads), local(ms), alpha=-self.sigma)  # d = g - sigma m
+        order = [p for p in self.__dict__.get("_bound", params) if id(p) in stored]
+        self._m_params, self._m = order, [stored[id(p)] for p in order]
+        return super().ascent_(groups)
+
+    @override
+    def skip_(self) -> None:
+        """Drop ``m``, which may hold the non-finite gradient of a skipped step; it starts again from 0."""
+        for name in ("_m", "_m_params"):
+            self.__dict__.pop(name, None)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if "_pending" in self.__dict__:
+            return {"m": self._pending}
+        if not self.__dict__.get("_m"):
+            return {"m": None}
+        return {"m": _per_parameter_state(self._m_params, self._m, self.__dict__.get("_bound"))}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skip_()
+        if state.get("m") is None:
+            return
+        if self.__dict__.get("_bound"):
+            self._m_params, self._m = _restore_per_parameter(
+                "FriendlySAM", state["m"]["values"], state["m"]["index"], self._bound
+            )
+        else:
+            self._pending = state["m"]
 
 
 def method_to_config(method: SAM) -> dict[str, Any]:

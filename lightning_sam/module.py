@@ -6,12 +6,12 @@ checks in :mod:`lightning_sam.step`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_sam._compat import grad_sync, loss_scale, should_update_logs
 from lightning_sam.methods import SAM, method_from_config, method_to_config
 from lightning_sam.step import SKIPPED_STEPS_KEY, SAMStepStats, SAMUpdate
+from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
 
 __all__ = ["SAMLightningModule", "SAMStepStats"]
 
@@ -240,7 +241,8 @@ class SAMLightningModule(pl.LightningModule):
         type(self).on_fit_start(self)
         self._sam_takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
-        self._sam_update.bind_(self, self.trainer.optimizers[0])
+        total = self.trainer.estimated_stepping_batches
+        self._sam_update.bind_(self, self.trainer.optimizers[0], total_steps=None if math.isinf(total) else int(total))
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -353,15 +355,21 @@ class SAMLightningModule(pl.LightningModule):
         last = self._sam_last_micro_batch
         # Lightning runs earlier micro-batches under its own no_sync: an e synchronized over replicas
         # then needs its own all-reduce of the clean gradient
-        reduce_clean = self._sam_syncs_clean and not last and _is_ddp(strategy.model)
+        reduce_clean = self._sam_syncs_clean and not last and is_distributed_ddp(strategy.model)
 
         def clean_backward() -> None:
             user_backward(loss)
             if reduce_clean:
-                _all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
+                all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
 
         clean_loss = self._sam_clean_loss if self._sam_clean_loss is not None else loss
-        update.ascend_(optimizer, clean_loss, clean_backward, lr=optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]
+        any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
+        if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank):
+            # an adaptive method chose a plain step; a clean pass kept local must now be averaged
+            if last and not self._sam_syncs_clean and is_distributed_ddp(strategy.model):
+                all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
+            return
         args, kwargs = self._sam_batch
         n = trainer.accumulate_grad_batches
 
@@ -388,18 +396,3 @@ def _loss_of(output: Any) -> Tensor:
             f"in both passes of a step; the perturbed pass got {type(output).__name__}."
         )
     return loss
-
-
-def _is_ddp(model: Any) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel) and torch.distributed.get_world_size() > 1
-
-
-@torch.no_grad()
-def _all_reduce_mean_(grads: list[Tensor]) -> None:
-    """Average gradients over the replicas in one collective."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])

@@ -132,6 +132,7 @@ class SAMUpdate:
         >>> update.open_(step=0)
         >>> loss = loss_fn()
         >>> update.ascend_(opt, loss, loss.backward)           # w <- w + e(w)
+        True
         >>> def perturbed():
         ...     loss = loss_fn()
         ...     loss.backward()
@@ -162,12 +163,18 @@ class SAMUpdate:
         self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
 
     # ------------------------------------------------------------------ per fit
-    def bind_(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded)."""
+    def bind_(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None
+    ) -> None:
+        """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded).
+
+        ``total_steps``: the run's optimizer steps, if known (for methods that plan by it).
+        """
         check_param_groups(optimizer)
         self._layout = ModuleLayout.of(module, self.method)
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.method.bind_(self._params)
+        self.method.plan_(total_steps)
         self._end_state()
 
     @property
@@ -202,18 +209,28 @@ class SAMUpdate:
 
     @torch.no_grad()
     def ascend_(
-        self, optimizer: torch.optim.Optimizer, loss: Tensor, backward: Callable[[], Any], lr: float | None = None
-    ) -> None:
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Tensor,
+        backward: Callable[[], Any],
+        lr: float | None = None,
+        any_rank: Callable[[bool], bool] = bool,
+    ) -> bool:
         """The clean backward at ``w`` (``backward()``; ``loss`` is ``L(w)``), then ``w <- w + e(w)``.
 
         The gradients of earlier micro-batches are set aside first, so ``e`` comes from this
-        micro-batch's own gradient.
+        micro-batch's own gradient. An ``adaptive`` method may decide here, from ``||g||``, that this
+        is a plain step (every replica asked through ``any_rank``): then nothing is perturbed, the
+        clean gradient is the descent gradient (the earlier sums added back) and this returns False.
         """
         self._stash.take_(self._params)
         with torch.enable_grad():
             backward()
         self._flag(loss.detach().isfinite())
         params = [p for p in self._params if p.grad is not None]
+        if self.method.adaptive and not any_rank(self.method.wants_sam_(global_norm([p.grad for p in params]))):
+            self._stash.add_back_(self._params)
+            return False
         self.method.clean_gradient_(params, [p.grad for p in params])
         rho = self.method.rho_at(self._step, lr)
         groups = self._groups(optimizer, rho)
@@ -221,6 +238,7 @@ class SAMUpdate:
         self._weights.perturb_(groups, ascent.scales)  # w <- w + e
         self._ascended = True
         self._pending = (loss.detach(), ascent.grad_norm, ascent.eps_norm, rho)
+        return True
 
     def descend_(self, run: Callable[[], Tensor], loss_scale: Tensor | None = None) -> Tensor:
         """The perturbed pass at ``w + e``, then ``w`` restored bit for bit; returns ``L(w + e)``.
@@ -264,7 +282,7 @@ class SAMUpdate:
         params = [p for p in self._params if p.grad is not None]
         grads = [p.grad for p in params]
         grad_norm = global_norm(grads)
-        if self._open and not self._ascended:
+        if self._open and not self._sam:
             self.method.plain_descent_(params, grad_norm)
         self._flag(grad_norm.isfinite())
         skip = any_rank(bool(self._nonfinite))

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["add_scaled_", "copy_into", "global_dot", "global_norm", "local", "norm_of_norms"]
+__all__ = [
+    "add_scaled_",
+    "all_reduce_mean_",
+    "copy_into",
+    "global_dot",
+    "global_norm",
+    "is_distributed_ddp",
+    "local",
+    "norm_of_norms",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -131,3 +140,17 @@ def add_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Tensor, kee
         torch._foreach_add_(targets, sources)
 
 
+def is_distributed_ddp(model: Any) -> bool:
+    """Whether ``model`` is DistributedDataParallel over more than one process."""
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) and torch.distributed.get_world_size() > 1
+
+
+@torch.no_grad()
+def all_reduce_mean_(grads: list[Tensor]) -> None:
+    """Average gradients over the processes of the default group, in one collective."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])

@@ -86,8 +86,16 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["sam=sam"], ["sam=asam", "optimizer=adamw"], ["sam=none"], ["sam=sam", "scheduler=step", "logger=tensorboard"]],
-    ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb"],
+    [
+        ["sam=sam"],
+        ["sam=asam", "optimizer=adamw"],
+        ["sam=none"],
+        ["sam=sam", "scheduler=step", "logger=tensorboard"],
+        ["sam=late_phase", "sam.start=0.5"],
+        ["sam=aesam", "sam.c=-.inf"],
+        ["sam=fsam"],
+    ],
+    ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb", "late-phase", "aesam", "fsam"],
 )
 def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
     cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
@@ -104,6 +112,7 @@ def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
     assert {"train/loss", "train/acc", "val/acc", "test/acc"} <= columns
     sam_keys = {"sam/sharpness", "sam/eps_norm", "sam/grad_norm", "sam/rho", "sam/perturbed_loss"}
     assert sam_keys <= columns if "sam=none" not in overrides else not (sam_keys & columns)
+    assert ("sam/sam_fraction" in columns) == ("sam=aesam" in overrides)
 
 
 def test_app_passes_accumulation_and_clipping_to_the_trainer(tmp_path, data_dir):
