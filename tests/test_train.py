@@ -92,7 +92,7 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
         ["sam=none"],
         ["sam=sam", "scheduler=step", "logger=tensorboard"],
         ["sam=late_phase", "sam.start=0.5"],
-        ["sam=aesam", "sam.c=-.inf"],
+        ["sam=aesam", "sam.c=-inf"],
         ["sam=fsam"],
     ],
     ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb", "late-phase", "aesam", "fsam"],
