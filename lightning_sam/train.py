@@ -168,12 +168,15 @@ def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
+    fit_start = time.perf_counter()
     trainer.fit(model, datamodule, ckpt_path=resume.path)
+    fit_seconds = time.perf_counter() - fit_start
 
     result: dict[str, Any] = {
         "output_dir": cfg.output_dir,
         "sam": repr(sam) if use_sam else "none",
         "global_step": trainer.global_step,
+        "fit_seconds": fit_seconds,  # training and validation, without the set-up and the test
     }
     result["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}  # of training
     checkpoint = trainer.checkpoint_callback

@@ -189,3 +189,10 @@ def reference_sam(
                 torch.nn.utils.clip_grad_norm_(list(net.parameters()), clip_norm)
             optimizer.step()
             optimizer.zero_grad()
+
+
+def fit_quadratic(a: torch.Tensor, w0: torch.Tensor, method, steps: int, lr: float = 0.05) -> torch.Tensor:
+    """Train :class:`Quadratic` for ``steps`` optimizer steps with ``method``; return the weights."""
+    model = Quadratic(a, w0, lr, sam=method)
+    trainer(max_steps=steps).fit(model, torch.utils.data.DataLoader(range(100)))
+    return model.w.detach()

@@ -38,3 +38,11 @@ def test_lightning_overhead_prints_its_ratios():
     out = run("lightning_overhead.py", "--steps", "3")
     assert ratio(out, "Lightning SAM / plain SAM loop") > 0
     assert ratio(out, "Lightning SAM / Lightning no SAM") > 0
+    assert ratio(out, "manual + pytorch_optimizer.SAM / ours") > 0  # the recipe users write without us
+
+
+def test_quality_report_tunes_on_validation_and_reports_its_targets(tmp_path):
+    out = run("quality_report.py", "--quick", "--methods", "SGD", "--out", str(tmp_path / "q.md"))
+    text = (tmp_path / "q.md").read_text()
+    assert "Tuning (validation accuracy %" in text and "| SAM | rho " in text and "| SGD | lr " in text
+    assert "Tuned SAM - tuned SGD at 40% noise" in text and text in out

@@ -7,22 +7,7 @@ import pytest
 import torch
 
 from lightning_sam import AESAM, SAM, FriendlySAM, LatePhaseSAM, SharpnessMonitor
-from tests.helpers import Classifier, Quadratic, SAMClassifier, make_loader, state_copy, trainer
-
-
-@pytest.fixture
-def quadratic():
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    m = torch.randn(4, 4)
-    yield m @ m.T + torch.eye(4), torch.randn(4)
-    torch.set_default_dtype(torch.float32)
-
-
-def _fit_quadratic(a, w0, method, steps, lr=0.05):
-    model = Quadratic(a, w0, lr, sam=method)
-    trainer(max_steps=steps).fit(model, torch.utils.data.DataLoader(range(100)))
-    return model.w.detach()
+from tests.helpers import Classifier, SAMClassifier, fit_quadratic, make_loader, state_copy, trainer
 
 
 def _fit(method, epochs=2, **kwargs):
@@ -45,8 +30,8 @@ def test_late_phase_on_a_quadratic_is_gradient_descent_then_sam(quadratic):
     for step in range(8):  # start 0.5 of the 8 steps: plain on 0-3, SAM on 4-7
         g = a @ w
         w = w - lr * (a @ (w + rho * g / g.norm()) if step >= 4 else g)
-    torch.testing.assert_close(_fit_quadratic(a, w0, LatePhaseSAM(rho, start=0.5), 8, lr), w, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(_fit_quadratic(a, w0, LatePhaseSAM(rho, start=4), 8, lr), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fit_quadratic(a, w0, LatePhaseSAM(rho, start=0.5), 8, lr), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fit_quadratic(a, w0, LatePhaseSAM(rho, start=4), 8, lr), w, rtol=1e-10, atol=1e-12)
 
 
 def test_late_phase_limits():
@@ -116,8 +101,8 @@ def test_friendly_sam_on_a_quadratic(quadratic):
         d = g - sigma * m  # its component removed from the ascent
         w = w - lr * a @ (w + rho * d / d.norm())
     method = FriendlySAM(rho, sigma=sigma, lam=lam)
-    torch.testing.assert_close(_fit_quadratic(a, w0, method, 6, lr), w, rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(_fit_quadratic(a, w0, SAM(rho), 6, lr), w)
+    torch.testing.assert_close(fit_quadratic(a, w0, method, 6, lr), w, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(fit_quadratic(a, w0, SAM(rho), 6, lr), w)
 
 
 def test_friendly_sam_with_sigma_zero_is_sam():

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_sam import GSAM, SAM, LookSAM, SAMLightningModule
+from tests.helpers import trainer as make_trainer
 
 STEPS = 10
 BATCH = 8
@@ -35,17 +36,7 @@ MakeOptimizer = Callable[..., torch.optim.Optimizer]
 
 
 def fit(module: pl.LightningModule, loader: torch.utils.data.DataLoader, callbacks: list | None = None) -> None:
-    trainer = pl.Trainer(
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=STEPS,
-        deterministic=True,
-    )
+    trainer = make_trainer(callbacks=callbacks, max_steps=STEPS)
     trainer.fit(module, loader)
     assert trainer.global_step == STEPS
 

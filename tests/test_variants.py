@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_sam import GSAM, SAM, LookSAM, RhoSchedule
-from tests.helpers import Quadratic, SAMClassifier, make_loader, make_net, trainer
+from tests.helpers import SAMClassifier, fit_quadratic, make_loader, make_net, trainer
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -19,21 +19,6 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture
-def quadratic():
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    m = torch.randn(4, 4)
-    yield m @ m.T + torch.eye(4), torch.randn(4)
-    torch.set_default_dtype(torch.float32)
-
-
-def _fit_quadratic(a, w0, method, steps, lr=0.05):
-    model = Quadratic(a, w0, lr, sam=method)
-    trainer(max_steps=steps).fit(model, torch.utils.data.DataLoader(range(100)))
-    return model.w.detach()
 
 
 # ---------------------------------------------------------------------------------------------- limits
@@ -62,8 +47,8 @@ def test_gsam_on_a_quadratic(quadratic):
         gp = a @ (w + rho * g / g.norm())
         d = gp - alpha * (g - (g @ gp) / (gp @ gp) * gp)  # minus alpha times g's part orthogonal to g_p
         w = w - lr * d
-    torch.testing.assert_close(_fit_quadratic(a, w0, GSAM(rho, alpha=alpha), 3, lr), w, rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(_fit_quadratic(a, w0, SAM(rho), 3, lr), w)
+    torch.testing.assert_close(fit_quadratic(a, w0, GSAM(rho, alpha=alpha), 3, lr), w, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(fit_quadratic(a, w0, SAM(rho), 3, lr), w)
 
 
 def test_looksam_on_a_quadratic(quadratic):
@@ -79,7 +64,7 @@ def test_looksam_on_a_quadratic(quadratic):
         else:
             d = g + alpha * g.norm() / gv.norm() * gv
         w = w - lr * d
-    torch.testing.assert_close(_fit_quadratic(a, w0, LookSAM(rho, k=k, alpha=alpha), 7, lr), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fit_quadratic(a, w0, LookSAM(rho, k=k, alpha=alpha), 7, lr), w, rtol=1e-10, atol=1e-12)
 
 
 def test_sam_every_n_steps_on_a_quadratic(quadratic):
@@ -89,7 +74,7 @@ def test_sam_every_n_steps_on_a_quadratic(quadratic):
     for step in range(7):
         g = a @ w
         w = w - lr * (a @ (w + rho * g / g.norm()) if step % 3 == 0 else g)
-    torch.testing.assert_close(_fit_quadratic(a, w0, SAM(rho, interval=3), 7, lr), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fit_quadratic(a, w0, SAM(rho, interval=3), 7, lr), w, rtol=1e-10, atol=1e-12)
 
 
 def test_plain_steps_take_one_forward():
