@@ -32,6 +32,7 @@ class WeightBackup:
         self._params: list[Tensor] = []
         self._saved: list[Tensor] = []
         self._holds_copy = False
+        self._perturbed = False
 
     def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
         """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
@@ -50,7 +51,7 @@ class WeightBackup:
             return
         with torch.no_grad():
             torch._foreach_copy_(self._saved, params)
-            self._holds_copy = True
+            self._holds_copy = self._perturbed = True
             for group, scale in pairs:
                 add_scaled_(group.params, group.grads, scale)  # w <- w + e
 
@@ -59,10 +60,15 @@ class WeightBackup:
         if self._holds_copy and self._params:
             with torch.no_grad():
                 torch._foreach_copy_(self._params, self._saved)
+        self._perturbed = False
+
+    def unperturbed(self) -> dict[int, Tensor]:
+        """While the weights are at ``w + e``: ``{id(parameter): its saved w}``; else empty."""
+        return {id(p): s for p, s in zip(self._params, self._saved)} if self._perturbed else {}
 
     def discard(self) -> None:
         """Forget the copy (the step is over); the buffer is kept for the next step."""
-        self._holds_copy = False
+        self._holds_copy = self._perturbed = False
 
 
 class BufferBackup:

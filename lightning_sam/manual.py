@@ -110,8 +110,9 @@ def sam_step(
             any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
             with nullcontext() if sync_clean else local:
                 loss = closure()
+                scale = loss_scale(scaler) if scaler is not None else None
                 ascended = update.ascend_(
-                    raw, loss, lambda: module.manual_backward(loss), lr=group["lr"], any_rank=any_rank
+                    raw, loss, lambda: module.manual_backward(loss), lr=group["lr"], any_rank=any_rank, loss_scale=scale
                 )
 
             def perturbed_pass() -> Tensor:
@@ -121,7 +122,7 @@ def sam_step(
                 return perturbed_loss
 
             if ascended:
-                update.descend_(perturbed_pass, loss_scale(scaler) if scaler is not None else None)
+                update.descend_(perturbed_pass, scale)
             elif not sync_clean and is_distributed_ddp(strategy.model):  # an adaptive method's plain step
                 all_reduce_mean_([p.grad for g in raw.param_groups for p in g["params"] if p.grad is not None])
         update.close_(

@@ -547,6 +547,7 @@ class LookSAM(SAM):
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skip_()
+        self.__dict__.pop("_pending", None)
         if state.get("gv") is None:
             return
         if self.__dict__.get("_bound"):
@@ -634,6 +635,11 @@ class LatePhaseSAM(SAM):
     def takes_sam_step(self, step: int) -> bool:
         return step >= self.start_step and super().takes_sam_step(step - self.start_step)
 
+    @override
+    def rho_at(self, step: int, lr: float | None = None) -> float:
+        """A rho schedule (its warm-up, its decay) counts from ``start``."""
+        return super().rho_at(max(step - self.start_step, 0), lr)
+
 
 class AESAM(SAM):
     """Adaptive policy SAM (AE-SAM, Jiang et al., ICLR 2023): SAM only where the loss surface is sharp.
@@ -685,6 +691,8 @@ class AESAM(SAM):
     def wants_sam_(self, grad_norm: Tensor) -> bool:
         x = float(grad_norm) ** 2
         stats = self._stats
+        if not math.isfinite(x):  # a step that will be skipped: no SAM pass, statistics untouched
+            return False
         if stats["steps"] == 0:
             stats["mean"], stats["var"] = x, 0.0
         if self.c == math.inf:
@@ -795,6 +803,7 @@ class FriendlySAM(SAM):
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skip_()
+        self.__dict__.pop("_pending", None)
         if state.get("m") is None:
             return
         if self.__dict__.get("_bound"):

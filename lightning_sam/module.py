@@ -106,6 +106,7 @@ class SAMLightningModule(pl.LightningModule):
     def __init__(
         self, *args: Any, sam: SAM | Mapping[str, Any] | None = None, sync_perturbation: bool = False, **kwargs: Any
     ) -> None:
+        given = sam is not None
         if sam is None:
             sam = SAM()
         elif isinstance(sam, Mapping):
@@ -120,6 +121,7 @@ class SAMLightningModule(pl.LightningModule):
         super().__init__(*args, **kwargs)
         self.sam = sam
         self.sync_perturbation = sync_perturbation
+        self._sam_given = given  # passed by the caller (or hyperparameters), not the default
         self._sam_update = SAMUpdate(sam)
         self._sam_perturbing = False  # inside the perturbed pass: logging off, the user's step runs plain
         self._sam_last_micro_batch = False  # inside the closure Lightning hands to optimizer_step
@@ -210,6 +212,14 @@ class SAMLightningModule(pl.LightningModule):
                 f"`{type(self).__name__}` defines no `training_step`. SAMLightningModule needs one that returns "
                 "the loss (a tensor, or a dict with a 'loss' key)."
             )
+        if is_param_in_hook_signature(type(self).training_step, "dataloader_iter", explicit=True):
+            raise TypeError(
+                f"`{type(self).__name__}.training_step(dataloader_iter)` is not supported by SAMLightningModule: the "
+                "perturbed pass needs the same batch again. Take `batch, batch_idx` instead."
+            )
+        self._sam_check_accumulation(trainer)
+
+    def _sam_check_accumulation(self, trainer: pl.Trainer) -> None:
         if self.sam.uses_clean_gradient:
             schedules = [c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)]
             most = max([trainer.accumulate_grad_batches, *(max(c.scheduling.values()) for c in schedules)])
@@ -239,6 +249,7 @@ class SAMLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ wrapped hooks
     def _sam_on_fit_start(self) -> None:
         type(self).on_fit_start(self)
+        self._sam_check_accumulation(self.trainer)  # again: `configure_callbacks` may have added a schedule
         self._sam_takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
         total = self.trainer.estimated_stepping_batches
@@ -246,6 +257,12 @@ class SAMLightningModule(pl.LightningModule):
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
+        # Lightning's SLURM requeue handler saves from inside a signal handler, maybe mid-step: never w + e
+        saved = self._sam_update.unperturbed()
+        if saved and "state_dict" in checkpoint:
+            for name, param in self.named_parameters():
+                if id(param) in saved and name in checkpoint["state_dict"]:
+                    checkpoint["state_dict"][name] = saved[id(param)].detach().clone()
         checkpoint[_CHECKPOINT_KEY] = {
             "config": method_to_config(self.sam),
             "method": self.sam.state_dict(),
@@ -260,7 +277,7 @@ class SAMLightningModule(pl.LightningModule):
         config = state.get("config")
         if config is not None and method_from_config(config) != self.sam:
             saved = method_from_config(config)
-            if self._trainer is None:  # load_from_checkpoint: the checkpoint's own method
+            if self._trainer is None and not self._sam_given:  # load_from_checkpoint(path): the checkpoint's own
                 self.sam = self._sam_update.method = saved
             else:
                 rank_zero_warn(
@@ -365,7 +382,8 @@ class SAMLightningModule(pl.LightningModule):
         clean_loss = self._sam_clean_loss if self._sam_clean_loss is not None else loss
         lr = optimizer.param_groups[0]["lr"]
         any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
-        if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank):
+        scale = loss_scale(scaler) if scaler is not None else None
+        if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank, loss_scale=scale):
             # an adaptive method chose a plain step; a clean pass kept local must now be averaged
             if last and not self._sam_syncs_clean and is_distributed_ddp(strategy.model):
                 all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
@@ -385,7 +403,7 @@ class SAMLightningModule(pl.LightningModule):
                 self._sam_perturbing = False
             return perturbed_loss
 
-        update.descend_(perturbed_pass, loss_scale(scaler) if scaler is not None else None)
+        update.descend_(perturbed_pass, scale)
 
 
 def _loss_of(output: Any) -> Tensor:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,10 +51,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary file would be (mkstemp makes it 0600)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -118,10 +127,11 @@ class RunCSVLogger(CSVLogger):
 
 
 class RunLock:
-    """Marks a run directory as in use by this process (``.run.lock`` holding its PID).
+    """Marks a run directory as in use by this process: an exclusive ``flock`` on ``.run.lock``.
 
-    A second process that takes the same directory is refused while the first is alive; a lock left by
-    a process that died (``kill -9``) is taken over.
+    A second process that takes the same directory is refused while the first holds it; the kernel
+    releases the lock when its process dies (``kill -9`` included), so no stale lock is left. The file
+    names the holder (``host:pid``) while it is held and is empty afterwards.
 
     Example::
 
@@ -133,45 +143,31 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / ".run.lock"
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise RuntimeError(
-                        f"{self.path.parent} is in use by another run (process {owner}). Pick another directory "
-                        "(hydra.run.dir=...), or wait for that run to end."
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as file:
-                file.write(str(os.getpid()))
-            return self
-        raise RuntimeError(f"Could not take the lock {self.path}.")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(
+                f"{self.path.parent} is in use by another run ({owner}). Pick another directory "
+                "(hydra.run.dir=...), or wait for that run to end."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}".encode(), 0)
+        self._fd = fd
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._owner() == os.getpid():
-            self.path.unlink(missing_ok=True)
-
-    def _owner(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or -1)
-        except (OSError, ValueError):
-            return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class Interrupted(BaseException):

@@ -215,6 +215,7 @@ class SAMUpdate:
         backward: Callable[[], Any],
         lr: float | None = None,
         any_rank: Callable[[bool], bool] = bool,
+        loss_scale: Tensor | None = None,
     ) -> bool:
         """The clean backward at ``w`` (``backward()``; ``loss`` is ``L(w)``), then ``w <- w + e(w)``.
 
@@ -222,13 +223,17 @@ class SAMUpdate:
         micro-batch's own gradient. An ``adaptive`` method may decide here, from ``||g||``, that this
         is a plain step (every replica asked through ``any_rank``): then nothing is perturbed, the
         clean gradient is the descent gradient (the earlier sums added back) and this returns False.
+        ``loss_scale``: the AMP scale of the clean backward (the method sees ``||g||`` unscaled).
         """
         self._stash.take_(self._params)
         with torch.enable_grad():
             backward()
         self._flag(loss.detach().isfinite())
         params = [p for p in self._params if p.grad is not None]
-        if self.method.adaptive and not any_rank(self.method.wants_sam_(global_norm([p.grad for p in params]))):
+        if self.method.adaptive:
+            norm = global_norm([p.grad for p in params])
+            wants = self.method.wants_sam_(norm / loss_scale if loss_scale is not None else norm)
+        if self.method.adaptive and not any_rank(wants):
             self._stash.add_back_(self._params)
             return False
         self.method.clean_gradient_(params, [p.grad for p in params])
@@ -289,6 +294,10 @@ class SAMUpdate:
         if skip:
             self._skip(optimizer, grads, scaler)
         return skip
+
+    def unperturbed(self) -> dict[int, Tensor]:
+        """While the weights are at ``w + e`` (a checkpoint written from a signal handler): the saved ``w`` by id."""
+        return self._weights.unperturbed()
 
     def end_(self) -> None:
         """The optimizer step is done: forget the backups (their storage is kept)."""

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 _RUN_ID = str(os.getpid())
 OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True)
 _HYDRA_FILES = {".hydra", "train.log", "debug.log"}  # what Hydra writes into a run directory by itself
+_RUN_COPY = ".run"  # the holder's own copy of its .hydra/ files, which a refused run's Hydra overwrites
 
 
 class ConfigError(ValueError):
@@ -93,15 +94,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with _holding(cfg) if rank_zero else nullcontext():
         if rank_zero:
             _check_run_dir(cfg, resume)
-        return _train(cfg, resume, start)
+        started: list[bool] = []
+        try:
+            return _train(cfg, resume, start, started)
+        finally:
+            if rank_zero and started:
+                _rewrite_hydra_files(cfg)
 
 
 @contextmanager
 def _holding(cfg: DictConfig) -> Iterator[None]:
     """The run directory's lock, for the whole run; a directory in use by another run is a config error.
 
-    A refused run's Hydra has written its .hydra/ files into the directory before it was refused: this
-    run's own are written again when it takes the lock and when it ends.
+    A refused run's Hydra has written its .hydra/ files into the directory before it was refused: the
+    holder's own are written again (and kept in ``.run/``) once the directory's checks pass, and when it
+    ends; a refused run puts the holder's back.
     """
     lock = RunLock(cfg.output_dir)
     try:
@@ -109,10 +116,8 @@ def _holding(cfg: DictConfig) -> Iterator[None]:
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
     try:
-        _rewrite_hydra_files(cfg)
         yield
     finally:
-        _rewrite_hydra_files(cfg)
         lock.__exit__(None, None, None)
 
 
@@ -128,11 +133,25 @@ def _rewrite_hydra_files(cfg: DictConfig) -> None:
     if not folder.is_dir():
         return
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    OmegaConf.save(task, folder / "config.yaml", resolve=False)
-    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+    copy = Path(output_dir) / _RUN_COPY
+    copy.mkdir(exist_ok=True)
+    for target in (folder, copy):
+        OmegaConf.save(task, target / "config.yaml", resolve=False)
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), target / "overrides.yaml")
+    if (folder / "hydra.yaml").is_file():
+        shutil.copyfile(folder / "hydra.yaml", copy / "hydra.yaml")
 
 
-def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
+def _restore_holders_files(run_dir: Path) -> None:
+    """Put back the .hydra/ files of the run that holds (or held) ``run_dir``, after this run was refused."""
+    copy, folder = run_dir / _RUN_COPY, run_dir / ".hydra"
+    if copy.is_dir() and folder.is_dir():
+        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            if (copy / name).is_file():
+                shutil.copyfile(copy / name, folder / name)
+
+
+def _train(cfg: DictConfig, resume: _Resume, start: float, started: list[bool]) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
@@ -168,6 +187,9 @@ def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
+    if trainer.is_global_zero:
+        _rewrite_hydra_files(cfg)  # every check passed and this run holds the directory: its own .hydra/ files
+    started.append(True)
     fit_start = time.perf_counter()
     trainer.fit(model, datamodule, ckpt_path=resume.path)
     fit_seconds = time.perf_counter() - fit_start
@@ -243,7 +265,8 @@ class _Resume:
     def _differing_model_keys(self, cfg: DictConfig) -> str:
         if self.run_dir is None:
             return ""
-        old = OmegaConf.load(self.run_dir / ".hydra" / "config.yaml").get("model", {})
+        saved = self.run_dir / _RUN_COPY / "config.yaml"
+        old = OmegaConf.load(saved if saved.is_file() else self.run_dir / ".hydra" / "config.yaml").get("model", {})
         keys = [
             f"model.{k}={old.get(k)!r} there, {cfg.model.get(k)!r} here"
             for k in cfg.model
@@ -422,7 +445,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[Any, Any]:
         ``(net, datamodule)``: the ``torch.nn.Module`` in eval mode, and the (not yet set up) data module.
     """
     run_dir = Path(run_dir)
-    config = run_dir / ".hydra" / "config.yaml"
+    config = run_dir / _RUN_COPY / "config.yaml"
+    if not config.is_file():  # runs of earlier versions
+        config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} holds no .hydra/config.yaml: expected the directory of a training run.")
     cfg = OmegaConf.load(config)
@@ -457,6 +482,7 @@ def main(cfg: DictConfig) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _remove_if_unused(hydra_dir)
+        _restore_holders_files(hydra_dir)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as err:
@@ -483,7 +509,11 @@ def _resume_hint(cfg: DictConfig) -> str:
 
 def _remove_if_unused(run_dir: Path) -> None:
     """Remove a run directory that holds only what Hydra wrote for a run that never started."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= _HYDRA_FILES:  # a lock: another run's
+    if not run_dir.is_dir():
+        return
+    lock = run_dir / ".run.lock"
+    names = {p.name for p in run_dir.iterdir()} - ({lock.name} if lock.is_file() and not lock.stat().st_size else set())
+    if names <= _HYDRA_FILES:  # a held lock (not empty) or a copy in .run/: another run's directory
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -139,8 +139,11 @@ def test_the_same_explicit_directory_is_refused_to_a_second_run(tmp_path, mnist1
     assert code == 2 and "is in use by another run" in err and err.count("\n") == 1
     assert _finish(first)[0] == 0
     assert "seed=1" not in (run / ".hydra" / "overrides.yaml").read_text()
-    code, _, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=1")))
+    config = (run / ".hydra" / "config.yaml").read_text()
+    code, _, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=1", "model.channels=7")))
     assert code == 2 and "already holds the checkpoints of another run" in err
+    assert (run / ".hydra" / "config.yaml").read_text() == config  # the finished run's config is put back
+    assert "seed=1" not in (run / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_a_full_disk_leaves_no_truncated_checkpoint(tmp_path, mnist1d_dir):
@@ -154,6 +157,7 @@ def test_a_full_disk_leaves_no_truncated_checkpoint(tmp_path, mnist1d_dir):
     assert files and not [f for f in files if f.name.startswith(".")]  # the partial file was removed
     for f in files:
         torch.load(f, map_location="cpu", weights_only=True)  # every file under a valid name loads
+        assert f.stat().st_mode & 0o644 == 0o644  # readable as an ordinary file (not mkstemp's 0600)
     assert "last.ckpt" in [f.name for f in files]
 
 

@@ -351,7 +351,18 @@ def test_checkpoint_method_is_restored_without_hyperparameters_and_a_change_warn
     path = tmp_path / "m.ckpt"
     t.save_checkpoint(path)
     assert SAMClassifier.load_from_checkpoint(path).sam == ASAM(0.5)  # not the default SAM(0.05)
+    with pytest.warns(UserWarning, match=r"trained with ASAM\(rho=0.5, eta=0.01\); this module trains with SAM"):
+        assert SAMClassifier.load_from_checkpoint(path, sam=SAM(0.2)).sam == SAM(0.2)  # what the caller asked for
     resumed = SAMClassifier(sam=SAM(0.1))
     with pytest.warns(UserWarning, match=r"trained with ASAM\(rho=0.5, eta=0.01\); this module trains with SAM"):
         trainer(max_epochs=2).fit(resumed, make_loader(), ckpt_path=path)
     assert resumed.sam == SAM(0.1)
+
+
+def test_dataloader_iter_training_step_is_refused():
+    class Iterating(SAMClassifier):
+        def training_step(self, dataloader_iter):
+            return super().training_step(*next(dataloader_iter)[:2])
+
+    with pytest.raises(TypeError, match=r"training_step\(dataloader_iter\)` is not supported.*batch, batch_idx"):
+        trainer(max_steps=1).fit(Iterating(), make_loader())

@@ -153,3 +153,33 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path, factory):
 def test_invalid_arguments(factory, error, match):
     with pytest.raises(error, match=match):
         factory()
+
+
+def test_aesam_ignores_a_non_finite_gradient_norm():
+    method = AESAM(rho=0.05, c=-1.0)
+    for x in (1.0, 2.0, 1.5):
+        method.wants_sam_(torch.tensor(x))
+    before = dict(method.state_dict()["stats"])
+    assert method.wants_sam_(torch.tensor(float("inf"))) is False  # that step is skipped anyway
+    assert method.state_dict()["stats"] == before
+    assert method.wants_sam_(torch.tensor(1.6)) is True  # and the rule still works afterwards
+
+
+def test_late_phase_rho_schedule_counts_from_start():
+    from lightning_sam import RhoSchedule
+
+    method = LatePhaseSAM(0.1, start=4, rho_schedule=RhoSchedule("linear", total_steps=4))
+    assert [round(method.rho_at(t), 6) for t in (4, 6, 8)] == [0.1, 0.05, 0.0]
+
+
+def test_a_second_load_replaces_pending_per_parameter_state():
+    from lightning_sam import LookSAM
+
+    for method, key in ((LookSAM(k=2), "gv"), (FriendlySAM(), "m")):
+        w = torch.nn.Parameter(torch.ones(3))
+        saved = {"values": [torch.ones(3)], "index": [0]}
+        state = {"gv": saved["values"], "index": [0]} if key == "gv" else {"m": saved}
+        method.load_state_dict(state)
+        method.load_state_dict({key: None})  # e.g. fit(ckpt_path=...) after load_from_checkpoint
+        method.bind_([w])
+        assert method.state_dict()[key] is None

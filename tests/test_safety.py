@@ -157,3 +157,23 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
     assert resumed.trainer.global_step == full.trainer.global_step == 12
 
 
+
+
+def test_a_checkpoint_written_during_the_perturbed_pass_holds_w(tmp_path):
+    # Lightning's SLURM requeue handler calls trainer.save_checkpoint from a signal handler, at any point
+    class SavesMidStep(SAMClassifier):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            if self.calls == 4:  # the perturbed pass of the second step
+                self.trainer.save_checkpoint(tmp_path / "mid.ckpt")
+            return super().training_step(batch, batch_idx)
+
+    snaps = Snapshots()
+    model = SavesMidStep(sam=SAM(0.5))
+    trainer(max_steps=2, callbacks=[snaps]).fit(model, make_loader(batch_size=16))
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["state_dict"]
+    before_step = snaps.states[1][0]
+    for name, _ in model.named_parameters():
+        assert torch.equal(saved[name], before_step[name]), name  # w, not w + e
