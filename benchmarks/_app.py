@@ -1,6 +1,7 @@
 """Run the training app in-process for benchmarks: compose the configs, train, return the results."""
 
 import logging
+import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -13,6 +14,12 @@ from omegaconf import open_dict
 from lightning_sam.train import train
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+def mean_sd(values: list[float], digits: int = 1) -> str:
+    """``mean ± standard deviation`` of the runs of a table cell (0 spread for one run)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
 def run_app(*overrides: str, data_dir: Path = DATA_DIR) -> dict:

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _app import run_app
+from _app import mean_sd, run_app
 
 EPOCHS = 30
 METHODS = {
@@ -50,17 +50,13 @@ def run(method: str, noise: float, seed: int, epochs: int, extra: list[str]) -> 
 
 
 def table(results: dict, noises: list[float]) -> str:
-    def cell(values: list[float], digits: int) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
     head = "| method | " + " | ".join(f"test acc. {int(100 * n)}% noise | top Hessian eig." for n in noises)
     lines = [head + " | time per run |", "|---" * (2 * len(noises) + 2) + "|"]
     for method in METHODS:
         cells = []
         for n in noises:
             runs = results[(method, n)]
-            cells += [cell([r["acc"] for r in runs], 1), cell([r["eig"] for r in runs], 1)]
+            cells += [mean_sd([r["acc"] for r in runs]), mean_sd([r["eig"] for r in runs])]
         seconds = statistics.mean(r["seconds"] for n in noises for r in results[(method, n)])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} s |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _app import run_app
+from _app import mean_sd, run_app
 
 EPOCHS = 20
 # A first grid (lr 0.05 or 0.2; SGD 0.025-0.2) put every method's best learning rate at its top, 0.2:
@@ -73,15 +73,16 @@ def run(method: str, setting: dict, noise: float, seed: int, epochs: int, extra:
     }
 
 
-def mean_sd(values: list[float], digits: int = 1) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+def costs(results: dict, noises: list[float]) -> dict[str, float]:
+    """Each method's training time per optimizer step over SGD's, from the runs of this report."""
+    per_step = {m: statistics.mean(r["seconds_per_step"] for n in noises for r in results[(m, n)]) for m in METHODS}
+    return {m: seconds / per_step["SGD"] for m, seconds in per_step.items()}
 
 
-def report(tuned: dict, results: dict, noises: list[float], seeds: list[int], epochs: int, minutes: float) -> str:
-    sgd_cost = statistics.mean(r["seconds_per_step"] for n in noises for r in results[("SGD", n)])
-    cost = {m: statistics.mean(r["seconds_per_step"] for n in noises for r in results[(m, n)]) / sgd_cost
-            for m in METHODS}  # fmt: skip
+def report(
+    tuned: dict, trials: dict, results: dict, noises: list[float], seeds: list[int], epochs: int, minutes: float
+) -> str:
+    cost = costs(results, noises)
     head = "| method | tuned | " + " | ".join(f"{int(100 * n)}% noise | top Hessian eig." for n in noises)
     lines = [head + " | cost per step / SGD |", "|---" * (2 * len(noises) + 3) + "|"]
     for method in METHODS:
@@ -120,7 +121,7 @@ def report(tuned: dict, results: dict, noises: list[float], seeds: list[int], ep
     ]
     tuning_lines = ["| method | " + " | ".join(f"setting {i + 1}" for i in range(4)) + " |", "|---" * 5 + "|"]
     for method in METHODS:
-        cells = [f"{', '.join(f'{k} {v}' for k, v in s.items())}: {v:.1f}" for s, v in tuned_trials[method]]
+        cells = [f"{', '.join(f'{k} {v}' for k, v in s.items())}: {v:.1f}" for s, v in trials[method]]
         tuning_lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return (
         f"MNIST-1D, {epochs} epochs ({2 * epochs} for SGD 2x), batch 128, cosine; seeds {seeds}; "
@@ -133,9 +134,6 @@ def report(tuned: dict, results: dict, noises: list[float], seeds: list[int], ep
         + "\n".join(targets)
         + "\n"
     )
-
-
-tuned_trials: dict[str, list[tuple[dict, float]]] = {}
 
 
 def plot(results: dict, noise: float, cost: dict, path: Path) -> None:
@@ -175,10 +173,10 @@ def main(argv: list[str] | None = None) -> str:
         args.seeds, args.noise, args.epochs = [0], [0.4], 1
         extra = ["+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
     start = time.perf_counter()
-    worst, tuned = max(args.noise), {}
+    worst, tuned, trials_of = max(args.noise), {}, {}
     for method in METHODS:  # 1. the same budget for every method, on validation accuracy
         trials = [(s, run(method, s, worst, args.seeds[0], args.epochs, extra)["val"]) for s in candidates(method)]
-        tuned_trials[method] = trials
+        trials_of[method] = trials
         tuned[method] = max(trials, key=lambda t: t[1])[0]
         print(f"tuned {method}: {tuned[method]} (val {max(v for _, v in trials):.1f}%)", flush=True)
     results: dict = {}
@@ -187,15 +185,12 @@ def main(argv: list[str] | None = None) -> str:
         results.setdefault((method, noise), []).append(r)
         print(f"{method:28s} noise {noise:.1f} seed {seed}: {r['acc']:.1f}% eig {r['eig']:.1f}", flush=True)
     minutes = (time.perf_counter() - start) / 60
-    text = report(tuned, results, args.noise, args.seeds, args.epochs, minutes)
+    text = report(tuned, trials_of, results, args.noise, args.seeds, args.epochs, minutes)
     print("\n" + text)
     if args.out:
         args.out.write_text(text)
     if args.plot:
-        sgd = statistics.mean(r["seconds_per_step"] for n in args.noise for r in results[("SGD", n)])
-        cost = {m: statistics.mean(r["seconds_per_step"] for n in args.noise for r in results[(m, n)]) / sgd
-                for m in METHODS}  # fmt: skip
-        plot(results, worst, cost, args.plot)
+        plot(results, worst, costs(results, args.noise), args.plot)
     return text
 
 

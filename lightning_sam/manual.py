@@ -97,6 +97,7 @@ def sam_step(
     strategy = trainer.strategy
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     group = raw.param_groups[0]
+    any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)  # noqa: E731  any replica's flag
     try:
         update.open_(int(group.get(_STEP_KEY, 0)))
         raw.zero_grad(set_to_none=True)
@@ -107,7 +108,6 @@ def sam_step(
         else:
             sync_clean = sync_perturbation or method.uses_clean_gradient
             local = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
-            any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
             with nullcontext() if sync_clean else local:
                 loss = closure()
                 scale = loss_scale(scaler) if scaler is not None else None
@@ -122,14 +122,10 @@ def sam_step(
                 return perturbed_loss
 
             if ascended:
-                update.descend_(perturbed_pass, scale)
+                update.descend_(perturbed_pass)
             elif not sync_clean and is_distributed_ddp(strategy.model):  # an adaptive method's plain step
                 all_reduce_mean_([p.grad for g in raw.param_groups for p in g["params"] if p.grad is not None])
-        update.close_(
-            raw,
-            any_rank=lambda skip: strategy.reduce_boolean_decision(skip, all=False),
-            scaler=scaler is not None,
-        )
+        update.close_(raw, any_rank=any_rank, scaler=scaler is not None)
         optimizer.step()
     except BaseException:
         update.abort_()

@@ -538,11 +538,8 @@ class LookSAM(SAM):
             return self._pending
         if self.__dict__.get("_gv") is None:
             return {"gv": None}
-        index = {id(p): i for i, p in enumerate(self.__dict__.get("_bound", self._gv_params))}
-        return {
-            "gv": [t.detach().clone() for t in local(self._gv)],
-            "index": [index[id(p)] for p in self._gv_params],
-        }
+        state = _per_parameter_state(self._gv_params, self._gv, self.__dict__.get("_bound"))
+        return {"gv": state["values"], "index": state["index"]}
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -302,8 +302,7 @@ class SAMLightningModule(pl.LightningModule):
             update.abort_()  # nothing is lost: buffers go back to where this update started
             raise
         self._sam_batch = (args, kwargs)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        self._sam_clean_loss = loss if isinstance(loss, Tensor) else None
+        self._sam_clean_loss = _loss_or_none(output)
         return output
 
     def _sam_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -345,7 +344,7 @@ class SAMLightningModule(pl.LightningModule):
             # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
             update.close_(
                 trainer.optimizers[0],
-                any_rank=lambda skip: strategy.reduce_boolean_decision(skip, all=False),
+                any_rank=_any_replica(strategy),
                 scaler=getattr(trainer.precision_plugin, "scaler", None) is not None,
             )
             return result
@@ -380,8 +379,7 @@ class SAMLightningModule(pl.LightningModule):
                 all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
 
         clean_loss = self._sam_clean_loss if self._sam_clean_loss is not None else loss
-        lr = optimizer.param_groups[0]["lr"]
-        any_rank = lambda wants: strategy.reduce_boolean_decision(wants, all=False)  # noqa: E731
+        lr, any_rank = optimizer.param_groups[0]["lr"], _any_replica(strategy)
         scale = loss_scale(scaler) if scaler is not None else None
         if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank, loss_scale=scale):
             # an adaptive method chose a plain step; a clean pass kept local must now be averaged
@@ -403,12 +401,22 @@ class SAMLightningModule(pl.LightningModule):
                 self._sam_perturbing = False
             return perturbed_loss
 
-        update.descend_(perturbed_pass, scale)
+        update.descend_(perturbed_pass)
+
+
+def _any_replica(strategy: Any) -> Callable[[bool], bool]:
+    """``decide(flag)``: whether any replica's flag is set (the flag itself on one device)."""
+    return lambda flag: strategy.reduce_boolean_decision(flag, all=False)
+
+
+def _loss_or_none(output: Any) -> Tensor | None:
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    return loss if isinstance(loss, Tensor) else None
 
 
 def _loss_of(output: Any) -> Tensor:
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor):
+    loss = _loss_or_none(output)
+    if loss is None:
         raise TypeError(
             "SAMLightningModule needs `training_step` to return the loss, as a tensor or a dict with a 'loss' key, "
             f"in both passes of a step; the perturbed pass got {type(output).__name__}."

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-__all__ = ["AtomicCheckpointIO", "Interrupted", "RunCSVLogger", "RunLock", "raise_on_signals"]
+__all__ = ["AtomicCheckpointIO", "Interrupted", "RunCSVLogger", "RunLock", "is_disk_full", "raise_on_signals"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -223,36 +223,35 @@ class SAMUpdate:
         micro-batch's own gradient. An ``adaptive`` method may decide here, from ``||g||``, that this
         is a plain step (every replica asked through ``any_rank``): then nothing is perturbed, the
         clean gradient is the descent gradient (the earlier sums added back) and this returns False.
-        ``loss_scale``: the AMP scale of the clean backward (the method sees ``||g||`` unscaled).
+        ``loss_scale``: the AMP scale of the clean backward (``||g||`` is seen and reported unscaled).
         """
         self._stash.take_(self._params)
         with torch.enable_grad():
             backward()
         self._flag(loss.detach().isfinite())
         params = [p for p in self._params if p.grad is not None]
+        unscale = (lambda norm: norm / loss_scale) if loss_scale is not None else (lambda norm: norm)
         if self.method.adaptive:
-            norm = global_norm([p.grad for p in params])
-            wants = self.method.wants_sam_(norm / loss_scale if loss_scale is not None else norm)
-        if self.method.adaptive and not any_rank(wants):
-            self._stash.add_back_(self._params)
-            return False
+            wants = self.method.wants_sam_(unscale(global_norm([p.grad for p in params])))
+            if not any_rank(wants):
+                self._stash.add_back_(self._params)
+                return False
         self.method.clean_gradient_(params, [p.grad for p in params])
         rho = self.method.rho_at(self._step, lr)
         groups = self._groups(optimizer, rho)
         ascent = self.method.ascent_(groups)
         self._weights.perturb_(groups, ascent.scales)  # w <- w + e
         self._ascended = True
-        self._pending = (loss.detach(), ascent.grad_norm, ascent.eps_norm, rho)
+        self._pending = (loss.detach(), unscale(ascent.grad_norm), ascent.eps_norm, rho)
         return True
 
-    def descend_(self, run: Callable[[], Tensor], loss_scale: Tensor | None = None) -> Tensor:
+    def descend_(self, run: Callable[[], Tensor]) -> Tensor:
         """The perturbed pass at ``w + e``, then ``w`` restored bit for bit; returns ``L(w + e)``.
 
         Args:
             run: does the perturbed forward and backward and returns ``L(w + e)``. It runs with
                 BatchNorm running statistics frozen and torchmetrics states put back afterwards;
                 its gradients add to those of the earlier micro-batches.
-            loss_scale: the AMP loss scale the clean backward ran with (to report ``||g||`` unscaled).
         """
         assert self._pending is not None, "ascend_ first"
         self._stash.give_back_(self._params)
@@ -263,8 +262,6 @@ class SAMUpdate:
             self._weights.restore_()  # w <- saved w
         self.method.descent_(self._params)
         loss, grad_norm, eps_norm, rho = self._pending
-        if loss_scale is not None:
-            grad_norm = grad_norm / loss_scale
         self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
         self._flag(perturbed_loss.detach().isfinite())
         return perturbed_loss

@@ -94,12 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with _holding(cfg) if rank_zero else nullcontext():
         if rank_zero:
             _check_run_dir(cfg, resume)
-        started: list[bool] = []
-        try:
-            return _train(cfg, resume, start, started)
-        finally:
-            if rank_zero and started:
-                _rewrite_hydra_files(cfg)
+        return _train(cfg, resume, start)
 
 
 @contextmanager
@@ -151,7 +146,7 @@ def _restore_holders_files(run_dir: Path) -> None:
                 shutil.copyfile(copy / name, folder / name)
 
 
-def _train(cfg: DictConfig, resume: _Resume, start: float, started: list[bool]) -> dict[str, Any]:
+def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its initial weights too
     # Everything that can be wrong with the config fails here, before any training.
     datamodule = _build(cfg, "data")
@@ -189,14 +184,23 @@ def _train(cfg: DictConfig, resume: _Resume, start: float, started: list[bool]) 
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
     if trainer.is_global_zero:
         _rewrite_hydra_files(cfg)  # every check passed and this run holds the directory: its own .hydra/ files
-    started.append(True)
+    try:
+        return _fit_and_test(cfg, trainer, model, datamodule, resume, sam, start)
+    finally:
+        if trainer.is_global_zero:  # a run refused meanwhile had Hydra overwrite them
+            _rewrite_hydra_files(cfg)
+
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, model: Classifier, datamodule: Any, resume: _Resume, sam: Any, start: float
+) -> dict[str, Any]:
     fit_start = time.perf_counter()
     trainer.fit(model, datamodule, ckpt_path=resume.path)
     fit_seconds = time.perf_counter() - fit_start
 
     result: dict[str, Any] = {
         "output_dir": cfg.output_dir,
-        "sam": repr(sam) if use_sam else "none",
+        "sam": repr(sam) if sam is not None else "none",
         "global_step": trainer.global_step,
         "fit_seconds": fit_seconds,  # training and validation, without the set-up and the test
     }

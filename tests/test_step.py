@@ -43,16 +43,22 @@ def test_plain_torch_use_matches_the_reference(method, eta):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
 
 
-def test_nonfinite_perturbed_loss_skips_and_puts_the_buffers_back():
+def _ascended(method, **sgd):
+    """A net at w + e after one clean pass: (net, optimizer, update, batch, state before)."""
     net = make_net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, **sgd)
     before = copy.deepcopy(net.state_dict())
-    update = SAMUpdate(SAM(0.05))
+    update = SAMUpdate(method)
     update.bind_(net, optimizer)
     x, y = next(iter(make_loader(batch_size=16)))
     update.open_(0)
     loss = F.cross_entropy(net(x), y)
     update.ascend_(optimizer, loss, loss.backward)
+    return net, optimizer, update, (x, y), before
+
+
+def test_nonfinite_perturbed_loss_skips_and_puts_the_buffers_back():
+    net, optimizer, update, (x, y), before = _ascended(SAM(0.05), momentum=0.9)
 
     def perturbed():
         loss = F.cross_entropy(net(x), y) * float("nan")
@@ -71,15 +77,7 @@ def test_nonfinite_perturbed_loss_skips_and_puts_the_buffers_back():
 
 
 def test_abort_in_the_perturbed_pass_restores_weights_and_buffers():
-    net = make_net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    before = copy.deepcopy(net.state_dict())
-    update = SAMUpdate(SAM(0.5))
-    update.bind_(net, optimizer)
-    x, y = next(iter(make_loader(batch_size=16)))
-    update.open_(0)
-    loss = F.cross_entropy(net(x), y)
-    update.ascend_(optimizer, loss, loss.backward)
+    net, _, update, (x, _), before = _ascended(SAM(0.5))
 
     def failing():
         net(x)
