@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 __all__ = [
     "BatchNormBase",
     "NormBase",
+    "flag_non_finite_",
     "grad_sync",
     "loss_scale",
     "metric_counters",
@@ -43,6 +44,16 @@ def should_update_logs(trainer: Any) -> bool:
 def loss_scale(scaler: Any) -> Tensor:
     """A GradScaler's current scale as a tensor, without a host sync (``GradScaler._get_scale_async``)."""
     return scaler._get_scale_async()
+
+
+def flag_non_finite_(tensors: list[Tensor], found: Tensor, one: Tensor) -> None:
+    """Set ``found`` (a float 0-dim tensor) to 1 if any of ``tensors`` holds an inf or a NaN.
+
+    torch's fused check behind ``GradScaler.unscale_`` (``torch._amp_foreach_non_finite_check_and_unscale_``),
+    one kernel launch for the list, with the unscaling factor ``one`` (a tensor holding 1.0), which leaves
+    every value bit for bit as it is. The tensors must be strided and on ``found``'s device.
+    """
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
 
 
 def metric_counters(metric: Any) -> tuple[int, Any]:

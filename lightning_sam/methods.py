@@ -329,12 +329,11 @@ class SAM:
                 give a gradient to a parameter that had none.
         """
 
-    def plain_descent_(self, params: Sequence[Tensor], grad_norm: Tensor) -> None:
+    def plain_descent_(self, params: Sequence[Tensor]) -> None:
         """Adjust the gradients of a plain step in place; SAM: nothing.
 
         Args:
             params: the parameters with a gradient ``g`` now.
-            grad_norm: ``||g||`` over them.
         """
 
     def skip_(self) -> None:
@@ -516,13 +515,14 @@ class LookSAM(SAM):
         self._gv_norm = global_norm(self._gv)
 
     @torch.no_grad()
-    def plain_descent_(self, params: Sequence[Tensor], grad_norm: Tensor) -> None:
+    def plain_descent_(self, params: Sequence[Tensor]) -> None:
         """``g <- g + alpha * (||g|| / ||g_v||) * g_v``, each parameter with its own stored ``g_v`` (none: ``g``)."""
         if self.__dict__.get("_gv") is None or self.alpha == 0:
             return
         stored = dict(zip(map(id, self._gv_params), self._gv))
         pairs = [(p.grad, stored[id(p)]) for p in params if id(p) in stored]
         if pairs:
+            grad_norm = global_norm([p.grad for p in params])  # ||g|| over every parameter of the step
             scale = self.alpha * grad_norm / (self._gv_norm + _NORM_EPS)
             add_scaled_([g for g, _ in pairs], [v for _, v in pairs], scale, keep_sources=True)
 

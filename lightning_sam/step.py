@@ -29,7 +29,7 @@ from torch import Tensor
 from lightning_sam._compat import BatchNormBase, NormBase
 from lightning_sam.backup import BufferBackup, GradientStash, MetricStates, WeightBackup
 from lightning_sam.methods import SAM, ParamGroup, check_non_negative
-from lightning_sam.tensors import global_norm, local
+from lightning_sam.tensors import any_non_finite, global_norm, local
 
 __all__ = ["SKIPPED_STEPS_KEY", "ModuleLayout", "SAMStepStats", "SAMUpdate", "check_param_groups"]
 
@@ -159,7 +159,7 @@ class SAMUpdate:
         self._sam = False
         self._ascended = False
         self._step = 0
-        self._nonfinite: Tensor | None = None
+        self._losses: list[Tensor] = []  # checked with the descent gradient in close_
         self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
 
     # ------------------------------------------------------------------ per fit
@@ -205,7 +205,7 @@ class SAMUpdate:
 
     def note_loss(self, loss: Tensor) -> None:
         """Count a plain micro-batch's loss in the finite check."""
-        self._flag(loss.detach().isfinite())
+        self._losses.append(loss.detach())
 
     @torch.no_grad()
     def ascend_(
@@ -228,17 +228,18 @@ class SAMUpdate:
         self._stash.take_(self._params)
         with torch.enable_grad():
             backward()
-        self._flag(loss.detach().isfinite())
+        self._losses.append(loss.detach())
         params = [p for p in self._params if p.grad is not None]
+        grads = [p.grad for p in params]
         unscale = (lambda norm: norm / loss_scale) if loss_scale is not None else (lambda norm: norm)
         if self.method.adaptive:
-            wants = self.method.wants_sam_(unscale(global_norm([p.grad for p in params])))
+            wants = self.method.wants_sam_(unscale(global_norm(grads)))
             if not any_rank(wants):
                 self._stash.add_back_(self._params)
                 return False
-        self.method.clean_gradient_(params, [p.grad for p in params])
+        self.method.clean_gradient_(params, grads)
         rho = self.method.rho_at(self._step, lr)
-        groups = self._groups(optimizer, rho)
+        groups = self._groups(optimizer, rho, params, grads)
         ascent = self.method.ascent_(groups)
         self._weights.perturb_(groups, ascent.scales)  # w <- w + e
         self._ascended = True
@@ -263,7 +264,7 @@ class SAMUpdate:
         self.method.descent_(self._params)
         loss, grad_norm, eps_norm, rho = self._pending
         self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
-        self._flag(perturbed_loss.detach().isfinite())
+        self._losses.append(perturbed_loss.detach())
         return perturbed_loss
 
     @torch.no_grad()
@@ -282,12 +283,15 @@ class SAMUpdate:
         a NaN, so that it skips the step and lowers its scale.
         """
         params = [p for p in self._params if p.grad is not None]
-        grads = [p.grad for p in params]
-        grad_norm = global_norm(grads)
         if self._open and not self._sam:
-            self.method.plain_descent_(params, grad_norm)
-        self._flag(grad_norm.isfinite())
-        skip = any_rank(bool(self._nonfinite))
+            self.method.plain_descent_(params)
+        grads = [p.grad for p in params]
+        losses = self._losses
+        if len({loss.dtype for loss in losses}) == 1:  # a copy: the check must not write to the caller's losses
+            checked = [*grads, torch.stack(losses)]
+        else:
+            checked = [*grads, *(loss.clone() for loss in losses)]
+        skip = any_rank(bool(any_non_finite(checked)))
         if skip:
             self._skip(optimizer, grads, scaler)
         return skip
@@ -317,10 +321,6 @@ class SAMUpdate:
         self.end_()
 
     # ------------------------------------------------------------------ internals
-    def _flag(self, finite: Tensor) -> None:
-        nonfinite = ~finite
-        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
-
     def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
         self._buffers.restore_()
         if self._ascended:
@@ -339,11 +339,19 @@ class SAMUpdate:
         else:
             optimizer.zero_grad(set_to_none=True)
 
-    def _groups(self, optimizer: torch.optim.Optimizer, rho: float) -> list[ParamGroup]:
-        """The groups to perturb: their rho (scheduled), and their selected parameters with gradients."""
+    def _groups(
+        self, optimizer: torch.optim.Optimizer, rho: float, params: list[Tensor], grads: list[Tensor]
+    ) -> list[ParamGroup]:
+        """The groups to perturb: their rho (scheduled), and their selected parameters with gradients.
+
+        ``params``: the optimizer's parameters with a gradient, in order; ``grads``: those gradients.
+        """
         assert self._layout is not None
         selected = self._layout.selected
         scale = rho / self.method.rho if self.method.rho else 1.0  # a schedule scales every group's rho alike
+        if len(optimizer.param_groups) == 1 and selected is None:  # the common case: nothing to filter
+            group_rho = optimizer.param_groups[0].get("rho", self.method.rho) * scale
+            return [ParamGroup(group_rho, params, grads)] if params else []
         groups = []
         for group in optimizer.param_groups:
             # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||

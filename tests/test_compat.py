@@ -7,6 +7,7 @@ import torchmetrics
 from lightning_sam._compat import (
     BatchNormBase,
     NormBase,
+    flag_non_finite_,
     grad_sync,
     loss_scale,
     metric_counters,
@@ -37,6 +38,16 @@ def test_loss_scale_is_the_scalers_scale_as_a_tensor():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.ones(()))  # the scale tensor is created lazily
     assert isinstance(loss_scale(scaler), torch.Tensor) and loss_scale(scaler).item() == 1024.0
+
+
+def test_flag_non_finite_sets_found_and_leaves_the_values():
+    found, one = torch.zeros(()), torch.ones(())
+    tensors = [torch.tensor([1.5, -0.0]), torch.tensor([3.0], dtype=torch.float64)]
+    flag_non_finite_(tensors, found, one)
+    assert found.item() == 0.0 and tensors[0].tolist() == [1.5, -0.0] and tensors[0][1].signbit()
+    tensors[1][0] = float("inf")
+    flag_non_finite_(tensors, found, one)
+    assert found.item() == 1.0
 
 
 def test_metric_counters_round_trip():

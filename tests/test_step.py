@@ -76,6 +76,39 @@ def test_nonfinite_perturbed_loss_skips_and_puts_the_buffers_back():
     assert update.skipped_steps == 1 and not optimizer.state
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_in_one_descent_gradient_with_finite_losses_skips(bad):
+    net, optimizer, update, (x, y), before = _ascended(SAM(0.05), momentum=0.9)
+    last_bias = list(net.parameters())[-1]
+    last_bias.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), bad))  # one element of one tensor
+
+    def perturbed():
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(update.descend_(perturbed))
+    with pytest.warns(RuntimeWarning, match="skipped the update"):
+        assert update.close_(optimizer)
+    optimizer.step()
+    update.end_()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_finite_extremes_and_mixed_loss_dtypes_do_not_skip():
+    net, optimizer, update, (x, y), _ = _ascended(SAM(0.05))
+
+    def perturbed():
+        loss = F.cross_entropy(net(x), y).double() + 1e300  # a float64 loss far beyond float32's range
+        loss.backward()
+        return loss
+
+    update.descend_(perturbed)
+    next(iter(net.parameters())).grad[0, 0] = torch.finfo(torch.float32).max  # finite: its square is not
+    assert not update.close_(optimizer)
+
+
 def test_abort_in_the_perturbed_pass_restores_weights_and_buffers():
     net, _, update, (x, _), before = _ascended(SAM(0.5))
 

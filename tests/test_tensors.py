@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_sam.tensors import add_scaled_, copy_into, global_dot, global_norm, norm_of_norms
+from lightning_sam.tensors import add_scaled_, any_non_finite, copy_into, global_dot, global_norm, norm_of_norms
 
 
 def test_global_norm():
@@ -29,3 +29,23 @@ def test_add_scaled_and_copy_into(keep):
     buffer = copy_into(None, sources)
     assert torch.equal(buffer[0], sources[0]) and buffer[0] is not sources[0]
     assert copy_into(buffer, [torch.full((2,), 3.0)])[0] is buffer[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_any_non_finite_finds_one_bad_element_and_changes_nothing(dtype, bad):
+    tensors = [torch.randn(3, 4, dtype=dtype), torch.randn(5, dtype=torch.float32).t(), torch.tensor([-0.0, 1.0])]
+    before = [t.clone() for t in tensors]
+    assert not any_non_finite(tensors)
+    assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()) for a, b in zip(tensors, before))
+    tensors[0][2, 1] = bad
+    assert any_non_finite(tensors).item() is True
+
+
+def test_any_non_finite_edge_cases():
+    assert not any_non_finite([])
+    assert not any_non_finite([torch.full((2,), torch.finfo(torch.float32).max), torch.full((2,), 65504.0).half()])
+    sparse = torch.tensor([0.0, 2.0]).to_sparse()
+    assert not any_non_finite([sparse, torch.ones(2)])
+    assert any_non_finite([torch.tensor([0.0, float("nan")]).to_sparse(), torch.ones(2)])
+    assert any_non_finite([torch.ones(2, dtype=torch.float64), torch.tensor([float("inf")]).to_sparse()])
