@@ -9,12 +9,14 @@ shared, noisy machine (round-to-round swings here are +-10-20%, step-to-step int
 them). A Lightning step is timed from one batch's start
 to the next one's, data loading and every hook included, minus the plain step run in between.
 
-A second run interleaves plain (non-SAM) Lightning training with the same plain SAM loop, which gives
-the SAM / no-SAM ratio against the same reference. A third runs the recipe users write today without
-this library: a manual-optimization LightningModule stepping ``pytorch_optimizer.SAM`` (pip
-``pytorch-optimizer``, a dev extra) through ``LightningOptimizer.step(closure)``.
+The SAM comparison runs ``--rounds`` times (a fresh Trainer each); every round's ratio is printed
+and their median is the figure. Further runs interleave plain (non-SAM) Lightning training with the
+same plain SAM loop, which gives the SAM / no-SAM ratio against the same reference, and with a plain
+SGD loop, which gives what Lightning's own loop costs on a plain step. The last runs the recipe users
+write today without this library: a manual-optimization LightningModule stepping
+``pytorch_optimizer.SAM`` (pip ``pytorch-optimizer``, a dev extra) through ``LightningOptimizer.step(closure)``.
 
-Usage: python benchmarks/lightning_overhead.py [--steps 100 --batch-size 128 --device cpu|cuda]
+Usage: python benchmarks/lightning_overhead.py [--steps 100 --rounds 3 --batch-size 128 --device cpu|cuda]
 """
 
 import argparse
@@ -125,6 +127,21 @@ def plain_sam_loop(net: nn.Module, loader, rho: float = 0.05):
     return step
 
 
+def plain_sgd_loop(net: nn.Module, loader):
+    """Plain training without SAM, the same optimizer: one forward/backward and one step per call."""
+    batches = iter(loader)
+    net = net.to(DEVICE)
+    opt = sgd(net.parameters())
+
+    def step() -> None:
+        x, y = (t.to(DEVICE) for t in next(batches))
+        opt.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
 class Interleaved(pl.Callback):
     """Times Lightning steps and, between them, steps of a reference loop on its own copy of the data."""
 
@@ -150,11 +167,14 @@ class Interleaved(pl.Callback):
 
 
 def interleaved_ratio(
-    module: pl.LightningModule, net: nn.Module, loader, average: str = "median"
+    module: pl.LightningModule, net: nn.Module, loader, average: str = "median", reference=None
 ) -> tuple[float, float, float]:
-    """(Lightning step, reference SAM step, their ratio): medians (or means) in seconds."""
+    """(Lightning step, reference step, their ratio): medians (or means) in seconds.
+
+    ``reference``: the loop interleaved with Lightning (default: :func:`plain_sam_loop`).
+    """
     own_loader = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size)  # the same batches
-    timer = Interleaved(plain_sam_loop(copy.deepcopy(net), own_loader))
+    timer = Interleaved((reference or plain_sam_loop)(copy.deepcopy(net), own_loader))
     trainer = pl.Trainer(
         accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
         devices=1,
@@ -182,6 +202,7 @@ def make_loader(steps: int, batch_size: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of the SAM comparison (median reported)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -194,8 +215,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loader = make_loader(args.steps, args.batch_size)
     net = mlp()
-    sam_ms, ref_ms, sam_ratio = interleaved_ratio(WithSAM(copy.deepcopy(net), sam=SAM(0.05)), net, loader)
+    rounds = [
+        interleaved_ratio(WithSAM(copy.deepcopy(net), sam=SAM(0.05)), net, loader) for _ in range(max(1, args.rounds))
+    ]
+    sam_ms, ref_ms, sam_ratio = sorted(rounds, key=lambda r: r[2])[len(rounds) // 2]  # the median round
     plain_ms, _, plain_ratio = interleaved_ratio(Plain(copy.deepcopy(net)), net, loader)
+    _, sgd_ms, lightning_ratio = interleaved_ratio(Plain(copy.deepcopy(net)), net, loader, reference=plain_sgd_loop)
     try:
         outside = interleaved_ratio(ManualPytorchOptimizerSAM(copy.deepcopy(net)), net, loader)
     except ImportError:
@@ -205,13 +230,16 @@ def main() -> None:
         f"MLP {params / 1e6:.2f}M parameters, batch {args.batch_size}, {args.steps} steps interleaved step by step, "
         f"{args.clock} clock, {DEVICE}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
-    print(f"  Lightning + SAMLightningModule   {1e3 * sam_ms:8.2f} ms/step (median)")
+    print(f"  Lightning + SAMLightningModule   {1e3 * sam_ms:8.2f} ms/step (median; the median round)")
     print(f"  plain-PyTorch foreach SAM loop   {1e3 * ref_ms:8.2f} ms/step (median, interleaved)")
     print(f"  Lightning, no SAM                {1e3 * plain_ms:8.2f} ms/step (median)")
+    print(f"  plain-PyTorch SGD loop, no SAM   {1e3 * sgd_ms:8.2f} ms/step (median, interleaved)")
     if outside is not None:
         print(f"  Lightning manual + pytorch_optimizer.SAM {1e3 * outside[0]:8.2f} ms/step (median)")
-    print(f"\n  Lightning SAM / plain SAM loop     {sam_ratio:6.3f}x   (target <= 1.03x)")
+    each = ", ".join(f"{r[2]:.3f}x" for r in rounds)
+    print(f"\n  Lightning SAM / plain SAM loop     {sam_ratio:6.3f}x   (target <= 1.03x; median of rounds: {each})")
     print(f"  Lightning SAM / Lightning no SAM   {sam_ratio / plain_ratio:6.3f}x   (two passes: ~2x)")
+    print(f"  Lightning no SAM / plain SGD loop  {lightning_ratio:6.3f}x   (Lightning's own loop, no SAM)")
     if outside is not None:
         print(f"  manual + pytorch_optimizer.SAM / ours {outside[2] / sam_ratio:6.3f}x   (each / the same plain loop)")
     else:

@@ -7,6 +7,7 @@ Pure torch (and torchmetrics for metric states). Restoring always copies saved t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_not
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ class WeightBackup:
         """
         pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
         params = local([p for g, _ in pairs for p in g.params])
-        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
+        if not _same(params, self._params):
             self._params = params
             self._saved = [torch.empty_like(p) for p in params]
         if not params:
@@ -204,4 +205,5 @@ class GradientStash:
 
 
 def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    """The same tensors in the same order (``map`` keeps the loop in C: this runs several times a step)."""
+    return len(a) == len(b) and not any(map(is_not, a, b))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,11 +124,7 @@ class SAMLightningModule(pl.LightningModule):
         self.sync_perturbation = sync_perturbation
         self._sam_given = given  # passed by the caller (or hyperparameters), not the default
         self._sam_update = SAMUpdate(sam)
-        self._sam_perturbing = False  # inside the perturbed pass: logging off, the user's step runs plain
-        self._sam_last_micro_batch = False  # inside the closure Lightning hands to optimizer_step
-        self._sam_batch: tuple[tuple, dict] = ((), {})  # what the clean pass's training_step received
-        self._sam_clean_loss: Tensor | None = None
-        self._sam_takes_batch_idx = True
+        self._sam_pass = _PassState()  # written several times a step: a plain object, not nn.Module.__setattr__
         for name in _WRAPPED_HOOKS:
             object.__setattr__(self, name, getattr(self, f"_sam_{name}"))
 
@@ -243,14 +240,14 @@ class SAMLightningModule(pl.LightningModule):
     @override
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """Lightning's ``log``, silent during the perturbed pass (so each step logs once)."""
-        if not self._sam_perturbing:
+        if not self._sam_pass.perturbing:
             super().log(name, value, *args, **kwargs)
 
     # ------------------------------------------------------------------ wrapped hooks
     def _sam_on_fit_start(self) -> None:
         type(self).on_fit_start(self)
         self._sam_check_accumulation(self.trainer)  # again: `configure_callbacks` may have added a schedule
-        self._sam_takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
+        self._sam_pass.takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
         total = self.trainer.estimated_stepping_batches
         self._sam_update.bind_(self, self.trainer.optimizers[0], total_steps=None if math.isinf(total) else int(total))
@@ -291,9 +288,9 @@ class SAMLightningModule(pl.LightningModule):
         update, trainer = self._sam_update, self._trainer
         if trainer is None or not trainer.training or not update.bound:
             return user_step(self, *args, **kwargs)
-        if not self._sam_takes_batch_idx:
+        if not self._sam_pass.takes_batch_idx:
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
-        if self._sam_perturbing:
+        if self._sam_pass.perturbing:
             return user_step(self, *args, **kwargs)
         try:
             update.open_(trainer.global_step)  # the first micro-batch of an update saves the buffers
@@ -301,8 +298,8 @@ class SAMLightningModule(pl.LightningModule):
         except BaseException:
             update.abort_()  # nothing is lost: buffers go back to where this update started
             raise
-        self._sam_batch = (args, kwargs)
-        self._sam_clean_loss = _loss_or_none(output)
+        self._sam_pass.batch = (args, kwargs)
+        self._sam_pass.clean_loss = _loss_or_none(output)
         return output
 
     def _sam_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -310,7 +307,7 @@ class SAMLightningModule(pl.LightningModule):
             type(self).backward(self, tensor, *args, **kwargs)
 
         update = self._sam_update
-        if self._sam_perturbing or not update.is_open:
+        if self._sam_pass.perturbing or not update.is_open:
             return user_backward(loss)
         try:
             if update.is_sam_step:
@@ -335,12 +332,12 @@ class SAMLightningModule(pl.LightningModule):
         local_clean = self.sam.takes_sam_step(trainer.global_step) and not self._sam_syncs_clean
 
         def sam_closure() -> Any:
-            self._sam_last_micro_batch = True
+            self._sam_pass.last_micro_batch = True
             try:
                 with grad_sync(strategy.model, enabled=False) if local_clean else nullcontext():
                     result = optimizer_closure()
             finally:
-                self._sam_last_micro_batch = False
+                self._sam_pass.last_micro_batch = False
             # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
             update.close_(
                 trainer.optimizers[0],
@@ -368,7 +365,7 @@ class SAMLightningModule(pl.LightningModule):
         trainer, update = self.trainer, self._sam_update
         strategy, optimizer = trainer.strategy, trainer.optimizers[0]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        last = self._sam_last_micro_batch
+        last = self._sam_pass.last_micro_batch
         # Lightning runs earlier micro-batches under its own no_sync: an e synchronized over replicas
         # then needs its own all-reduce of the clean gradient
         reduce_clean = self._sam_syncs_clean and not last and is_distributed_ddp(strategy.model)
@@ -378,7 +375,7 @@ class SAMLightningModule(pl.LightningModule):
             if reduce_clean:
                 all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
 
-        clean_loss = self._sam_clean_loss if self._sam_clean_loss is not None else loss
+        clean_loss = self._sam_pass.clean_loss if self._sam_pass.clean_loss is not None else loss
         lr, any_rank = optimizer.param_groups[0]["lr"], _any_replica(strategy)
         scale = loss_scale(scaler) if scaler is not None else None
         if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank, loss_scale=scale):
@@ -386,11 +383,11 @@ class SAMLightningModule(pl.LightningModule):
             if last and not self._sam_syncs_clean and is_distributed_ddp(strategy.model):
                 all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
             return
-        args, kwargs = self._sam_batch
+        args, kwargs = self._sam_pass.batch
         n = trainer.accumulate_grad_batches
 
         def perturbed_pass() -> Tensor:
-            self._sam_perturbing = True
+            self._sam_pass.perturbing = True
             try:
                 # the last micro-batch's perturbed backward all-reduces the summed descent gradient
                 with grad_sync(strategy.model, enabled=True) if last else nullcontext():
@@ -398,10 +395,21 @@ class SAMLightningModule(pl.LightningModule):
                     scaled = perturbed_loss / n if n > 1 else perturbed_loss
                     user_backward(scaler.scale(scaled) if scaler is not None else scaled)
             finally:
-                self._sam_perturbing = False
+                self._sam_pass.perturbing = False
             return perturbed_loss
 
         update.descend_(perturbed_pass)
+
+
+@dataclass(slots=True)
+class _PassState:
+    """Where the SAM step of the current micro-batch stands."""
+
+    perturbing: bool = False  # inside the perturbed pass: logging off, the user's step runs plain
+    last_micro_batch: bool = False  # inside the closure Lightning hands to optimizer_step
+    batch: tuple[tuple, dict] = ((), {})  # what the clean pass's training_step received
+    clean_loss: Tensor | None = None
+    takes_batch_idx: bool = True
 
 
 def _any_replica(strategy: Any) -> Callable[[bool], bool]:

@@ -8,6 +8,7 @@ all-reduced over the shards.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -52,7 +53,8 @@ def local(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _any_dtensor(tensors: Sequence[Tensor]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    # called several times a step: the set of types is a C loop, isinstance per tensor is not
+    return DTensor is not None and any(issubclass(cls, DTensor) for cls in set(map(type, tensors)))
 
 
 def norm_of_norms(norms: Sequence[Tensor]) -> Tensor:
@@ -94,7 +96,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         tensor(5.)
     """
     if tensors and not _any_dtensor(tensors):
-        dtypes = {t.dtype for t in tensors}
+        dtypes = set(map(attrgetter("dtype"), tensors))
         if len(dtypes) == 1:  # the common case: one foreach kernel and one reduction
             low = dtypes.pop() in _LOW_PRECISION
             norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32 if low else None)
