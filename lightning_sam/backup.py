@@ -125,9 +125,7 @@ class MetricStates:
                 copies[id(value)] = value.clone() if isinstance(value, Tensor) else list(value)
             return copies[id(value)]
 
-        self._saved = [
-            (m, {k: copy(v) for k, v in m.metric_state.items()}, metric_counters(m)) for m in metrics
-        ]
+        self._saved = [(m, {k: copy(v) for k, v in m.metric_state.items()}, metric_counters(m)) for m in metrics]
 
     def restore(self) -> None:
         """Put every metric back as it was when this object was made."""

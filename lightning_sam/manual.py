@@ -141,9 +141,7 @@ def sam_step_stats(module: pl.LightningModule) -> dict[int, SAMStepStats]:
     return {i: u.last for i, (_, u) in sorted(updates.items()) if u.last is not None}
 
 
-def _check(
-    module: Any, optimizer: Any, closure: Any, method: Any, sync_perturbation: Any
-) -> pl.Trainer:
+def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturbation: Any) -> pl.Trainer:
     if not isinstance(module, pl.LightningModule):
         raise TypeError(f"Expected `module` to be a LightningModule, got {type(module).__name__}.")
     if module.automatic_optimization:

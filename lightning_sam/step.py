@@ -163,9 +163,7 @@ class SAMUpdate:
         self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
 
     # ------------------------------------------------------------------ per fit
-    def bind_(
-        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None
-    ) -> None:
+    def bind_(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> None:
         """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded).
 
         ``total_steps``: the run's optimizer steps, if known (for methods that plan by it).
@@ -378,4 +376,3 @@ class SAMUpdate:
             if stats:  # InstanceNorm and the like update them whatever track_running_stats says
                 torch._foreach_copy_(stats, saved_stats)
             metrics.restore()
-

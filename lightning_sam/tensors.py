@@ -161,7 +161,6 @@ def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack(sums).sum() if sums else torch.zeros((), dtype=out)
 
 
-
 def copy_into(buffer: list[Tensor] | None, tensors: list[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` into ``buffer`` (allocated like them when missing or of another layout)."""
     if buffer is None or len(buffer) != len(tensors) or any(b.shape != t.shape for b, t in zip(buffer, tensors)):
