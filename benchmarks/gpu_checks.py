@@ -2,8 +2,10 @@
 
 1. 16-mixed with a real GradScaler: an fp16 overflow in the ascent pass is skipped, the weights
    stay finite and the scaler backs off; bf16-mixed trains.
-2. SyncBatchNorm under 2-GPU DDP (only with 2+ GPUs).
-3. Speed on the GPU: ascent + restore against the SGD step and a per-parameter loop
+2. The finite check on CUDA tensors of every floating dtype: inf/NaN found, large finite values
+   (1e300 in float64, the float32 maximum) not flagged, mixed dtypes (fp32 gradients, bf16 losses).
+3. SyncBatchNorm under 2-GPU DDP (only with 2+ GPUs).
+4. Speed on the GPU: ascent + restore against the SGD step and a per-parameter loop
    (benchmarks/step_overhead.py), and the Lightning step against a plain loop
    (benchmarks/lightning_overhead.py).
 
@@ -55,6 +57,21 @@ def check_bf16() -> None:
     print(f"ok  bf16-mixed trains, eps_norm {model.sam_last_step.eps_norm.item():.4f}")
 
 
+def check_finite_check() -> None:
+    from lightning_sam.tensors import any_non_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        big = {torch.float64: 1e300}.get(dtype, torch.finfo(dtype).max)
+        tensors = [torch.randn(64, 64, device="cuda").to(dtype), torch.full((3,), big, dtype=dtype, device="cuda")]
+        assert not any_non_finite(tensors).item(), f"{dtype}: a large finite value flagged"
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            flagged = [t.clone() for t in tensors]
+            flagged[0][5, 7] = bad
+            assert any_non_finite(flagged).item(), f"{dtype}: {bad} missed"
+            assert any_non_finite([torch.ones(8, device="cuda"), flagged[0].to(torch.bfloat16)]).item()
+    print("ok  finite check on CUDA: fp16/bf16/fp32/fp64, mixed dtypes, large finite values")
+
+
 def run(script: str, *args: str) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True)
     print(result.stdout[-2500:])
@@ -66,6 +83,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     check_fp16_overflow()
     check_bf16()
+    check_finite_check()
     if torch.cuda.device_count() >= 2:
         result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_run.py"), "/tmp", "syncbn"])
         assert result.returncode == 0

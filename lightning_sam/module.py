@@ -299,7 +299,8 @@ class SAMLightningModule(pl.LightningModule):
             update.abort_()  # nothing is lost: buffers go back to where this update started
             raise
         self._sam_pass.batch = (args, kwargs)
-        self._sam_pass.clean_loss = _loss_or_none(output)
+        clean_loss = _loss_or_none(output)
+        self._sam_pass.clean_loss = clean_loss.detach() if clean_loss is not None else None  # no graph kept
         return output
 
     def _sam_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:

@@ -284,11 +284,8 @@ class SAMUpdate:
         if self._open and not self._sam:
             self.method.plain_descent_(params)
         grads = [p.grad for p in params]
-        losses = self._losses
-        if len({loss.dtype for loss in losses}) == 1:  # a copy: the check must not write to the caller's losses
-            checked = [*grads, torch.stack(losses)]
-        else:
-            checked = [*grads, *(loss.clone() for loss in losses)]
+        # the losses as one new tensor (the check must not write to the caller's), promoted to a common dtype
+        checked = [*grads, torch.cat([loss.reshape(-1) for loss in self._losses])] if self._losses else grads
         skip = any_rank(bool(any_non_finite(checked)))
         if skip:
             self._skip(optimizer, grads, scaler)

@@ -116,9 +116,12 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
 def any_non_finite(tensors: Sequence[Tensor]) -> Tensor:
     """Whether any element of ``tensors`` is inf or NaN, as a 0-dim bool tensor, without a host sync.
 
-    Cheaper than :func:`global_norm` (one fused kernel, and no false alarm for large finite
-    values). DTensors are checked on their local shard only: every process sees
-    its own, and a caller that needs one answer for all of them reduces the flag.
+    Cheaper than :func:`global_norm`: one fused kernel (torch's AMP check), with no false alarm for
+    large finite values. Where that kernel does not apply exactly (bfloat16 and float64 on a GPU: it
+    has no bfloat16 kernel there and checks float64 in float32), those tensors are checked by their
+    norm (a false alarm only if a sum of squares overflows, beyond about 1e19 in float32); sparse
+    tensors one by one. DTensors are checked on their local shard only: every process sees its
+    own, and a caller that needs one answer for all of them reduces the flag.
 
     Example::
 
@@ -128,12 +131,30 @@ def any_non_finite(tensors: Sequence[Tensor]) -> Tensor:
     tensors = local(tensors)
     if not tensors:
         return torch.zeros((), dtype=torch.bool)
-    try:  # the common case: strided floating-point tensors on one device, one fused kernel
-        return _non_finite_flag(tensors, tensors[0].device) > 0
-    except (RuntimeError, NotImplementedError):  # several devices, sparse tensors: tensor by tensor
-        pass
-    flags = [~(t.coalesce().values() if t.is_sparse else t).isfinite().all() for t in tensors]
-    return torch.stack([f.to(tensors[0].device) for f in flags]).any()
+    device = tensors[0].device
+    if device.type == "cpu" or set(map(attrgetter("dtype"), tensors)) <= _FUSED_ANYWHERE:
+        try:  # the common case: strided floating-point tensors on one device, one fused kernel
+            return _non_finite_flag(tensors, device) > 0
+        except (RuntimeError, NotImplementedError):  # several devices, sparse tensors: group them
+            pass
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    flags = []
+    for t in tensors:
+        if t.layout == torch.strided:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            flags.append(~(t.coalesce().values() if t.is_sparse else t).isfinite().all())
+    for (where, dtype), ts in groups.items():
+        if where.type == "cpu" or dtype in _FUSED_ANYWHERE:
+            flags.append(_non_finite_flag(ts, where) > 0)
+        else:
+            norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
+            flags.append(~torch.stack(norms).isfinite().all())
+    return torch.stack([f.to(device) for f in flags]).any()
+
+
+#: dtypes that torch's fused AMP check handles exactly on every device (on CPU: every floating dtype)
+_FUSED_ANYWHERE = frozenset({torch.float16, torch.float32})
 
 
 def _non_finite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:

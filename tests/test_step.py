@@ -109,6 +109,18 @@ def test_finite_extremes_and_mixed_loss_dtypes_do_not_skip():
     assert not update.close_(optimizer)
 
 
+def test_losses_of_other_shapes_are_checked_together():
+    net, optimizer, update, (x, y), _ = _ascended(SAM(0.05))
+
+    def perturbed():
+        loss = F.cross_entropy(net(x), y).reshape(1)  # [1] here, [] in the clean pass
+        loss.backward()
+        return loss
+
+    update.descend_(perturbed)
+    assert not update.close_(optimizer)
+
+
 def test_abort_in_the_perturbed_pass_restores_weights_and_buffers():
     net, _, update, (x, _), before = _ascended(SAM(0.5))
 
