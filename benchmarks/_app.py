@@ -1,5 +1,6 @@
 """Run the training app in-process for benchmarks: compose the configs, train, return the results."""
 
+import argparse
 import logging
 import statistics
 import tempfile
@@ -14,6 +15,15 @@ from omegaconf import open_dict
 from lightning_sam.train import train
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+def grid_parser(epochs: int) -> argparse.ArgumentParser:
+    """The arguments every accuracy benchmark takes: the seeds, noise levels and epochs of its grid."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
+    parser.add_argument("--epochs", type=int, default=epochs)
+    return parser
 
 
 def mean_sd(values: list[float], digits: int = 1) -> str:

@@ -14,12 +14,11 @@ Usage: python benchmarks/generalization.py [--out report.md --plot report.png] (
 CPU cores); --quick runs a tiny version (one seed, one noise level, a few batches) in seconds.
 """
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
-from _app import mean_sd, run_app
+from _app import grid_parser, mean_sd, run_app
 
 EPOCHS = 30
 METHODS = {
@@ -84,10 +83,7 @@ def plot(results: dict, noises: list[float], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser = grid_parser(epochs=EPOCHS)
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, help="write the plot (PNG) here")
     parser.add_argument("--quick", action="store_true", help="one seed, 20%% noise, 1 epoch of 5 batches")

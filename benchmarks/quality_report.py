@@ -18,13 +18,12 @@ Usage: python benchmarks/quality_report.py [--out benchmarks/results/quality.md 
 (about 40 minutes on 2 CPU cores); --quick runs a tiny version in seconds.
 """
 
-import argparse
 import itertools
 import statistics
 import time
 from pathlib import Path
 
-from _app import mean_sd, run_app
+from _app import grid_parser, mean_sd, run_app
 
 EPOCHS = 20
 # A first grid (lr 0.05 or 0.2; SGD 0.025-0.2) put every method's best learning rate at its top, 0.2:
@@ -156,10 +155,7 @@ def plot(results: dict, noise: float, cost: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser = grid_parser(epochs=EPOCHS)
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--plot", type=Path, help="write the plot (PNG) here")
     parser.add_argument("--quick", action="store_true", help="one seed, one noise level, 1 epoch of 3 batches")

@@ -9,12 +9,11 @@ Usage: python benchmarks/variants_quality.py [--seeds 0 1 2 --noise 0 0.2 0.4 --
 (about 25 minutes on 2 CPU cores with the defaults).
 """
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
-from _app import run_app
+from _app import grid_parser, run_app
 
 METHODS = {
     "SGD (no SAM)": ["sam=none"],
@@ -27,10 +26,7 @@ METHODS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser = grid_parser(epochs=30)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
