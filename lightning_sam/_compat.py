@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 __all__ = [
     "BatchNormBase",
+    "active_scaler",
     "NormBase",
     "flag_non_finite_",
     "grad_sync",
@@ -39,6 +40,16 @@ def should_update_logs(trainer: Any) -> bool:
     Lightning keeps this decision on its private logger connector.
     """
     return bool(trainer._logger_connector.should_update_logs)
+
+
+def active_scaler(precision_plugin: Any) -> Any:
+    """The precision plugin's GradScaler if it scales losses, else ``None``.
+
+    A scaler built with ``enabled=False`` (or what some builds hand a CPU ``16-mixed`` run) neither scales
+    nor skips steps on inf/NaN: it counts as none (public ``GradScaler.is_enabled``).
+    """
+    scaler = getattr(precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def loss_scale(scaler: Any) -> Tensor:

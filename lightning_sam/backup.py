@@ -17,7 +17,7 @@ from lightning_sam._compat import metric_counters, set_metric_counters
 from lightning_sam.methods import ParamGroup
 from lightning_sam.tensors import add_scaled_, copy_into, local
 
-__all__ = ["BufferBackup", "GradientStash", "MetricStates", "WeightBackup"]
+__all__ = ["BufferBackup", "GradientStash", "MetricStates", "WeightBackup", "same_tensors"]
 
 
 class WeightBackup:
@@ -45,7 +45,7 @@ class WeightBackup:
         """
         pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
         params = local([p for g, _ in pairs for p in g.params])
-        if not _same(params, self._params):
+        if not same_tensors(params, self._params):
             self._params = params
             self._saved = [torch.empty_like(p) for p in params]
         if not params:
@@ -93,7 +93,7 @@ class BufferBackup:
 
     def save_(self, buffers: list[Tensor]) -> None:
         """Copy ``buffers`` (the storage is reused while they stay the same tensors)."""
-        if not _same(buffers, self._buffers):
+        if not same_tensors(buffers, self._buffers):
             self._buffers = buffers
             self._saved = [torch.empty_like(b) for b in buffers]
         if buffers:
@@ -166,7 +166,7 @@ class GradientStash:
         if not having:
             self._params = []
             return
-        reuse = self._sums if _same(having, self._params) else None
+        reuse = self._sums if same_tensors(having, self._params) else None
         self._sums = copy_into(reuse, [p.grad for p in having])
         self._params = having
         for p in having:
@@ -202,6 +202,6 @@ class GradientStash:
         self._params = []
 
 
-def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
-    """The same tensors in the same order (``map`` keeps the loop in C: this runs several times a step)."""
+def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """The same tensor objects in the same order (``map`` keeps the loop in C: this runs several times a step)."""
     return len(a) == len(b) and not any(map(is_not, a, b))

@@ -19,7 +19,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
-from lightning_sam._compat import loss_scale
+from lightning_sam._compat import active_scaler, loss_scale
 from lightning_sam.methods import SAM
 from lightning_sam.step import SAMStepStats, SAMUpdate
 from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
@@ -95,11 +95,11 @@ def sam_step(
     index = next(i for i, o in enumerate(trainer.optimizers) if o is raw)
     update = _update_for(module, trainer, index, raw, method)
     strategy = trainer.strategy
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scaler = active_scaler(trainer.precision_plugin)
     group = raw.param_groups[0]
     any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)  # noqa: E731  any replica's flag
     try:
-        update.open_(int(group.get(_STEP_KEY, 0)))
+        update.open_(int(group.get(_STEP_KEY, 0)), raw)
         raw.zero_grad(set_to_none=True)
         if not update.is_sam_step:
             loss = closure()
@@ -166,9 +166,14 @@ def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturba
 
 
 def _update_for(module: Any, trainer: pl.Trainer, index: int, raw: torch.optim.Optimizer, method: SAM) -> SAMUpdate:
-    """The SAMUpdate of optimizer `index`, bound anew for each fit and each method object."""
+    """The SAMUpdate of optimizer `index`, bound anew for each fit, each method object and each finder's trials.
+
+    The Tuner's finders run their trial steps in the same fit with other limits (`max_steps`, ...), then
+    put them back: the limits are part of the key, so the fit's own steps are planned by its own length.
+    """
     updates: dict[int, tuple[Any, SAMUpdate]] = module.__dict__.setdefault(_STATE, {})
-    key = (id(trainer), id(raw), id(method))
+    limits = (trainer.max_steps, trainer.max_epochs, trainer.limit_train_batches, trainer.accumulate_grad_batches)
+    key = (id(trainer), id(raw), id(method), limits)
     found = updates.get(index)
     if found is None or found[0] != key:
         update = SAMUpdate(method)

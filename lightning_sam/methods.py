@@ -158,16 +158,17 @@ class RhoSchedule:
     SHAPES: ClassVar[tuple[str, ...]] = ("constant", "linear", "cosine", "lr")
 
     def __post_init__(self) -> None:
+        # every argument given is checked, also those the shape does not use
         if self.shape not in self.SHAPES:
             raise ValueError(f"Expected `shape` to be one of {self.SHAPES}, got {self.shape!r}.")
         check_non_negative("rho_min", self.rho_min)
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        if self.shape in ("linear", "cosine"):
-            _check_int("total_steps", self.total_steps, self.warmup_steps + 1)
-        if self.shape == "lr":
-            lr_min = check_non_negative("lr_min", self.lr_min)
-            if self.lr_max is None or check_non_negative("lr_max", self.lr_max) <= lr_min:
-                raise ValueError(f"Expected `lr_max` to be a float > lr_min ({lr_min}), got {self.lr_max!r}.")
+        warmup = _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.total_steps is not None or self.shape in ("linear", "cosine"):
+            _check_int("total_steps", self.total_steps, warmup + 1)
+        lr_min = check_non_negative("lr_min", self.lr_min)
+        given = self.lr_max is not None
+        if (given or self.shape == "lr") and (not given or check_non_negative("lr_max", self.lr_max) <= lr_min):
+            raise ValueError(f"Expected `lr_max` to be a float > lr_min ({lr_min}), got {self.lr_max!r}.")
 
     def rho(self, step: int, rho_max: float, lr: float | None = None) -> float:
         """Return rho at optimizer step ``step`` (``lr``: the current learning rate, for shape ``"lr"``)."""
@@ -558,9 +559,13 @@ class LookSAM(SAM):
 
 
 def _per_parameter_state(params: list[Tensor], values: list[Tensor], bound: list[Tensor] | None) -> dict[str, Any]:
-    """Per-parameter tensors as checkpoint data: local shards and their positions in the bound parameter list."""
+    """Per-parameter tensors as checkpoint data: local shards and their positions in the bound parameter list.
+
+    A parameter the optimizer no longer holds (its group was removed during fit) is left out.
+    """
     index = {id(p): i for i, p in enumerate(bound if bound is not None else params)}
-    return {"values": [t.detach().clone() for t in local(values)], "index": [index[id(p)] for p in params]}
+    kept = [(index[id(p)], v) for p, v in zip(params, local(values)) if id(p) in index]
+    return {"values": [v.detach().clone() for _, v in kept], "index": [i for i, _ in kept]}
 
 
 def _restore_per_parameter(

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sam._compat import grad_sync, loss_scale, should_update_logs
+from lightning_sam._compat import active_scaler, grad_sync, loss_scale, should_update_logs
 from lightning_sam.methods import SAM, method_from_config, method_to_config
 from lightning_sam.step import SKIPPED_STEPS_KEY, SAMStepStats, SAMUpdate
 from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
@@ -171,6 +171,9 @@ class SAMLightningModule(pl.LightningModule):
         # Attached before Lightning validates its loop configuration, so our errors come first.
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._sam_check_trainer(trainer)
+            # a new fit: bind again, at `on_fit_start` or, if a callback trains before it (the Tuner's
+            # finders run their trial steps from their own `on_fit_start`), at the first training step
+            self._sam_update.unbind_()
         pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
 
     def _sam_check_trainer(self, trainer: pl.Trainer) -> None:
@@ -246,11 +249,14 @@ class SAMLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ wrapped hooks
     def _sam_on_fit_start(self) -> None:
         type(self).on_fit_start(self)
-        self._sam_check_accumulation(self.trainer)  # again: `configure_callbacks` may have added a schedule
+        self._sam_bind(self.trainer)  # again after a finder: it restored the module as it was
+
+    def _sam_bind(self, trainer: pl.Trainer) -> None:
+        self._sam_check_accumulation(trainer)  # again: `configure_callbacks` may have added a schedule
         self._sam_pass.takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
-        total = self.trainer.estimated_stepping_batches
-        self._sam_update.bind_(self, self.trainer.optimizers[0], total_steps=None if math.isinf(total) else int(total))
+        total = trainer.estimated_stepping_batches
+        self._sam_update.bind_(self, trainer.optimizers[0], total_steps=None if math.isinf(total) else int(total))
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -286,14 +292,17 @@ class SAMLightningModule(pl.LightningModule):
     def _sam_training_step(self, *args: Any, **kwargs: Any) -> Any:
         user_step = type(self).training_step
         update, trainer = self._sam_update, self._trainer
-        if trainer is None or not trainer.training or not update.bound:
+        if trainer is None or not trainer.training:
             return user_step(self, *args, **kwargs)
+        if not update.bound:  # a step before on_fit_start: a finder's trial, which must measure the SAM step
+            self._sam_bind(trainer)
         if not self._sam_pass.takes_batch_idx:
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
         if self._sam_pass.perturbing:
             return user_step(self, *args, **kwargs)
         try:
-            update.open_(trainer.global_step)  # the first micro-batch of an update saves the buffers
+            # the first micro-batch of an update reads the optimizer's parameters and saves the buffers
+            update.open_(trainer.global_step, trainer.optimizers[0])
             output = user_step(self, *args, **kwargs)
         except BaseException:
             update.abort_()  # nothing is lost: buffers go back to where this update started
@@ -343,7 +352,7 @@ class SAMLightningModule(pl.LightningModule):
             update.close_(
                 trainer.optimizers[0],
                 any_rank=_any_replica(strategy),
-                scaler=getattr(trainer.precision_plugin, "scaler", None) is not None,
+                scaler=active_scaler(trainer.precision_plugin) is not None,
             )
             return result
 
@@ -365,7 +374,7 @@ class SAMLightningModule(pl.LightningModule):
         """Steps 1-4 inside Lightning's backward of the clean loss: e(w), the perturbed pass, w restored."""
         trainer, update = self.trainer, self._sam_update
         strategy, optimizer = trainer.strategy, trainer.optimizers[0]
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = active_scaler(trainer.precision_plugin)
         last = self._sam_pass.last_micro_batch
         # Lightning runs earlier micro-batches under its own no_sync: an e synchronized over replicas
         # then needs its own all-reduce of the clean gradient

@@ -27,7 +27,7 @@ import torchmetrics
 from torch import Tensor
 
 from lightning_sam._compat import BatchNormBase, NormBase
-from lightning_sam.backup import BufferBackup, GradientStash, MetricStates, WeightBackup
+from lightning_sam.backup import BufferBackup, GradientStash, MetricStates, WeightBackup, same_tensors
 from lightning_sam.methods import SAM, ParamGroup, check_non_negative
 from lightning_sam.tensors import any_non_finite, global_norm, local
 
@@ -80,17 +80,29 @@ class ModuleLayout(NamedTuple):
 
     @classmethod
     def of(cls, module: torch.nn.Module, method: SAM) -> ModuleLayout:
-        """Look ``module`` over for ``method``."""
+        """Look ``module`` over for ``method``; raise for what SAM cannot perturb (before any training).
+
+        Raises:
+            ValueError: ``only`` selects no parameter, or only frozen ones (``requires_grad=False``).
+            TypeError: the module has complex parameters or layers with sparse gradients.
+        """
+        check_supported(module)
         selected = None
         if method.only is not None:
-            selected = frozenset(
-                id(p)
+            chosen = [
+                p
                 for prefix, m in module.named_modules()
                 for name, p in m.named_parameters(prefix=prefix, recurse=False)
                 if method.selects(name, m)
-            )
-            if not selected:
+            ]
+            if not chosen:
                 raise ValueError(f"`only={method.only!r}` selects no parameter of {type(module).__name__}.")
+            if not any(p.requires_grad for p in chosen):
+                raise ValueError(
+                    f"`only={method.only!r}` selects only frozen parameters (requires_grad=False) of "
+                    f"{type(module).__name__}: every step would perturb nothing. Select trainable parameters."
+                )
+            selected = frozenset(map(id, chosen))
         return cls(
             norms=[m for m in module.modules() if isinstance(m, BatchNormBase) and m.track_running_stats],
             other_stats=[
@@ -113,6 +125,30 @@ def check_param_groups(optimizer: torch.optim.Optimizer) -> None:
             check_non_negative(f"param_groups[{i}]['rho']", group["rho"])
 
 
+def check_supported(module: torch.nn.Module) -> None:
+    """Raise ``TypeError`` for what the SAM step cannot handle exactly: complex parameters, sparse gradients.
+
+    Example::
+
+        >>> check_supported(torch.nn.Embedding(10, 4, sparse=True))
+        Traceback (most recent call last):
+        ...
+        TypeError: SAM does not support sparse gradients: `Embedding(10, 4, sparse=True)` ...
+    """
+    for name, p in module.named_parameters():
+        if p.is_complex():
+            raise TypeError(
+                f"SAM does not support complex parameters: `{name}` is {p.dtype}. Keep the real and imaginary "
+                "parts as one real parameter (torch.view_as_complex inside forward)."
+            )
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse:
+            raise TypeError(
+                f"SAM does not support sparse gradients: `{m}` (`{name or type(module).__name__}`) gives one. Use "
+                "sparse=False (a dense gradient: the global norm of e needs every component)."
+            )
+
+
 class SAMUpdate:
     """Runs the SAM updates of one optimizer and keeps what is needed to undo one.
 
@@ -129,7 +165,7 @@ class SAMUpdate:
         >>> loss_fn = lambda: torch.nn.functional.mse_loss(net(x), y)
         >>> update = SAMUpdate(SAM(rho=0.05))
         >>> update.bind_(net, opt)
-        >>> update.open_(step=0)
+        >>> update.open_(0, opt)
         >>> loss = loss_fn()
         >>> update.ascend_(opt, loss, loss.backward)           # w <- w + e(w)
         True
@@ -166,19 +202,35 @@ class SAMUpdate:
     def bind_(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> None:
         """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded).
 
-        ``total_steps``: the run's optimizer steps, if known (for methods that plan by it).
+        ``total_steps``: the run's optimizer steps, if known (for methods that plan by it). The
+        optimizer's parameters are read again at every update (:meth:`open_`), since param groups may
+        be added or removed, and the optimizer replaced, during fit.
         """
-        check_param_groups(optimizer)
         self._layout = ModuleLayout.of(module, self.method)
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.method.bind_(self._params)
+        self._params = []
+        self._follow_(optimizer)
         self.method.plan_(total_steps)
         self._end_state()
+
+    def unbind_(self) -> None:
+        """Forget the binding (a new fit starts: bind again before its first update)."""
+        self._layout = None
 
     @property
     def bound(self) -> bool:
         """Whether :meth:`bind_` ran."""
         return self._layout is not None
+
+    def _follow_(self, optimizer: torch.optim.Optimizer) -> None:
+        """The parameters ``optimizer`` holds now, in param-group order (the method rebinds when they change)."""
+        check_param_groups(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not same_tensors(params, self._params):
+            for p in params:
+                if p.is_complex():
+                    raise TypeError(f"SAM does not support complex parameters: the optimizer holds a {p.dtype} one.")
+            self._params = params
+            self.method.bind_(params)
 
     # ------------------------------------------------------------------ per update
     @property
@@ -191,11 +243,15 @@ class SAMUpdate:
         """Whether the open update is a SAM step (else a plain one)."""
         return self._sam
 
-    def open_(self, step: int) -> None:
-        """Start an update at optimizer step ``step`` unless one is under way."""
+    def open_(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Start an update of ``optimizer`` at optimizer step ``step`` unless one is under way.
+
+        What ``optimizer`` holds at this moment is what the update perturbs, sets aside, checks and restores.
+        """
         if self._open:
             return
         assert self._layout is not None, "bind_ first"
+        self._follow_(optimizer)
         self._buffers.save_(self._layout.buffers)
         self._sam = self.method.takes_sam_step(step)
         self._step = step

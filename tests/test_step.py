@@ -16,7 +16,7 @@ def _sam_steps(net, optimizer, loader, method):
     update.bind_(net, optimizer)
     for step, (x, y) in enumerate(loader):
         optimizer.zero_grad()
-        update.open_(step)
+        update.open_(step, optimizer)
         loss = F.cross_entropy(net(x), y)
         update.ascend_(optimizer, loss, loss.backward)
 
@@ -51,7 +51,7 @@ def _ascended(method, **sgd):
     update = SAMUpdate(method)
     update.bind_(net, optimizer)
     x, y = next(iter(make_loader(batch_size=16)))
-    update.open_(0)
+    update.open_(0, optimizer)
     loss = F.cross_entropy(net(x), y)
     update.ascend_(optimizer, loss, loss.backward)
     return net, optimizer, update, (x, y), before
