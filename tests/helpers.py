@@ -97,6 +97,7 @@ def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a, "an empty state: nothing to compare"
     assert a.keys() == b.keys()
     for k in a:
         if atol == 0:

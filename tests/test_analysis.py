@@ -213,6 +213,7 @@ def test_random_plane_grid_and_filter_normalization(tmp_path):
     with torch.no_grad():
         assert losses[2, 2].item() == pytest.approx(F.cross_entropy(net(x), y).item(), rel=1e-6)
     directions = filter_normalized_direction(net, torch.Generator().manual_seed(0))
+    assert [d.shape for d in directions] == [p.shape for p in net.parameters()]  # the loop below sees all 6
     for p, d in zip(net.parameters(), directions):
         if p.dim() > 1:  # each row as long as the weights' row
             torch.testing.assert_close(d.norm(dim=1), p.detach().norm(dim=1), rtol=1e-5, atol=1e-6)

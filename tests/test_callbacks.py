@@ -33,14 +33,19 @@ def test_logs_every_log_every_n_steps_through_any_logger(tmp_path):
 
 def test_values_are_the_steps_own_figures():
     class Check(pl.Callback):
+        def __init__(self):
+            self.checked = []  # the keys compared, per step
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            stats = pl_module.sam_last_step
+            stats, compared = pl_module.sam_last_step, []
             for key, value in stats.as_dict().items():
                 torch.testing.assert_close(trainer.callback_metrics[key], torch.as_tensor(value, dtype=torch.float32))
+                compared.append(key)
+            self.checked.append(sorted(compared))
 
-    trainer(max_steps=3, callbacks=[SharpnessMonitor(), Check()], log_every_n_steps=1).fit(
-        SAMClassifier(), make_loader()
-    )
+    check = Check()
+    trainer(max_steps=3, callbacks=[SharpnessMonitor(), check], log_every_n_steps=1).fit(SAMClassifier(), make_loader())
+    assert check.checked == [KEYS] * 3  # every step, every figure
 
 
 def test_monitor_adds_no_forward_or_backward_and_changes_nothing():

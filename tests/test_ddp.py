@@ -102,7 +102,8 @@ def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, all
         assert ranks[0]["allreduces"] == allreduces
     # sam/* are logged on logging steps only (every 2nd here), as the mean over the ranks
     rows = [ranks[r]["sharpness"] for r in (0, 1)]
-    assert [step for step, *_ in rows[0]] == ([1, 2] if accumulating else [2, 4])
+    for r in (0, 1):  # both ranks recorded every logging step, so the zip below compares them all
+        assert [step for step, *_ in rows[r]] == ([1, 2] if accumulating else [2, 4]), r
     for (_, own0, logged0), (_, own1, logged1) in zip(*rows):
         assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5) == pytest.approx(logged1, rel=1e-5)
     # FSDP2 reduce-scatters every backward, so e comes from the averaged gradient

@@ -59,32 +59,53 @@ class TwoOptimizers(pl.LightningModule):
         )
 
 
-def reference(net, loader, rho=RHO):
-    """SAM (Foret et al.) on the first layer only, one parameter at a time; a plain SGD step on the rest."""
+def reference(net, loader, rho=RHO, alpha=None, skip=(), epochs=1, autocast=None):
+    """SAM (Foret et al.) on the first layer only, one parameter at a time; a plain SGD step on the rest.
+
+    alpha: GSAM's descent (Zhuang et al.), d = g_p - alpha (g - (g . g_p / ||g_p||^2) g_p) over the first
+    layer. skip: the batch indices (counted over all epochs) whose SAM update is skipped, as after a
+    non-finite loss: the first layer's weights, momentum and the BatchNorm statistics stay as before it.
+    autocast: the dtype of a CPU autocast around each batch's passes, as Lightning's mixed precision does.
+    """
     first = list(net[0].parameters())
     rest = [p for p in net.parameters() if all(p is not q for q in first)]
     opt_a = torch.optim.SGD(first, lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt_b = torch.optim.SGD(rest, lr=0.05, momentum=0.9)
     net.train()
-    for x, y in loader:
+    batches = [batch for _ in range(epochs) for batch in loader]
+    for i, (x, y) in enumerate(batches):
+        loss = F.cross_entropy if autocast is None else torch.autocast("cpu", dtype=autocast)(F.cross_entropy)
+        forward = net if autocast is None else torch.autocast("cpu", dtype=autocast)(net)
+        before = [b.clone() for b in net.buffers()]
         net.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()  # clean pass at w (BatchNorm statistics updated)
+        loss(forward(x), y).backward()  # clean pass at w (BatchNorm statistics updated)
         with torch.no_grad():
+            clean = [p.grad.clone() for p in first]
             norm = torch.sqrt(sum((p.grad**2).sum() for p in first))  # ||g|| over this optimizer's parameters
             saved = [p.clone() for p in first]
             for p in first:
                 p.add_(rho * p.grad / (norm + 1e-12))  # w <- w + e
         buffers = [b.clone() for b in net.buffers()]
         net.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()  # perturbed pass at w + e
+        loss(forward(x), y).backward()  # perturbed pass at w + e
         with torch.no_grad():
             for p, s in zip(first, saved):
                 p.copy_(s)  # w <- w
             for b, s in zip(net.buffers(), buffers):
                 b.copy_(s)  # statistics from the clean pass only
-        opt_a.step()
+            if alpha is not None:
+                dot = sum((g * p.grad).sum() for g, p in zip(clean, first))
+                sq = sum((p.grad**2).sum() for p in first)
+                for g, p in zip(clean, first):
+                    p.grad = p.grad - alpha * (g - dot / (sq + 1e-12) * p.grad)
+        if i in skip:
+            with torch.no_grad():
+                for b, s in zip(net.buffers(), before):
+                    b.copy_(s)
+        else:
+            opt_a.step()
         opt_b.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        loss(forward(x), y).backward()
         opt_b.step()
 
 
@@ -107,13 +128,18 @@ def test_two_optimizers_match_the_reference_and_only_one_is_perturbed(tmp_path):
 
 def test_nonfinite_skips_that_optimizer_only():
     model = TwoOptimizers(fault="nan", at_step=2)
+    ref = copy.deepcopy(model.net)
     snaps = Snapshots()
+    loader = make_loader(batch_size=16)
     with pytest.warns(RuntimeWarning, match="skipped the update"):
-        trainer(max_steps=8, callbacks=[snaps]).fit(model, make_loader(batch_size=16))
+        trainer(max_steps=8, callbacks=[snaps]).fit(model, loader)
+    assert len(snaps.states) == 4 and model.calls == 8  # 4 batches, each with both SAM passes
     (state_2, _), (state_3, _) = snaps.states[2], snaps.states[3]
     assert torch.equal(state_2["net.0.weight"], state_3["net.0.weight"])  # SAM's optimizer skipped
     assert not torch.equal(state_2["net.3.weight"], state_3["net.3.weight"])  # the other one stepped
-    assert all(torch.isfinite(v).all() for v in state_copy(model).values())
+    # the SAM steps before and after the skipped one are SAM's, and the skip left no trace
+    reference(ref, list(loader)[:4], skip={2})
+    assert_same_state(state_copy(model.net), state_copy(ref), atol=1e-6)
 
 
 def test_exception_in_the_perturbed_pass_restores_the_weights():
@@ -129,11 +155,16 @@ def test_exception_in_the_perturbed_pass_restores_the_weights():
 def test_mixed_precision(precision):
     kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "16-mixed" else {"precision": precision}
     model = TwoOptimizers()
+    ref = copy.deepcopy(model.net)
     before = state_copy(model)
-    trainer(max_epochs=2, **kwargs).fit(model, make_loader(batch_size=16))
+    loader = make_loader(batch_size=16)
+    trainer(max_epochs=2, **kwargs).fit(model, loader)
     after = state_copy(model)
-    assert all(torch.isfinite(v).all() for v in after.values())
+    assert model.calls == 2 * 6 * 2  # 2 epochs of 6 batches, both SAM passes on each
     assert not torch.equal(before["net.0.weight"], after["net.0.weight"])
+    # the plain-torch reference under the same autocast (16-mixed's loss scale, a power of 2, changes nothing)
+    reference(ref, loader, epochs=2, autocast=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+    assert_same_state(state_copy(model.net), state_copy(ref), atol=1e-6)
 
 
 def test_sharpness_monitor_keys_by_optimizer_when_several_take_sam_steps(tmp_path):
@@ -167,8 +198,12 @@ def test_schedules_count_this_optimizers_own_steps():
 
 def test_gsam_needs_the_clean_gradient_and_runs():
     model = TwoOptimizers(method=GSAM(RHO, alpha=0.2))
-    trainer(max_steps=4).fit(model, make_loader(batch_size=16))
-    assert all(torch.isfinite(v).all() for v in state_copy(model).values())
+    ref = copy.deepcopy(model.net)
+    loader = make_loader(batch_size=16)
+    trainer(max_steps=4).fit(model, loader)
+    assert model.calls == 4  # 2 batches, 2 passes each
+    reference(ref, list(loader)[:2], alpha=0.2)  # GSAM's descent, from the clean and perturbed gradients
+    assert_same_state(state_copy(model.net), state_copy(ref), atol=1e-6)
 
 
 def test_bad_input_is_refused_before_any_work():

@@ -17,6 +17,7 @@ def _fit(method, epochs=2, **kwargs):
 
 
 def _same(a, b):
+    assert a and b, "an empty state: nothing to compare"
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -183,7 +183,7 @@ def test_a_nan_gradient_in_a_late_group_skips_the_step_with_nothing_changed():
     assert model.sam_skipped_steps == 1
     (before, opt_before), (after, opt_after) = snapshots.states[6], snapshots.states[7]
     assert_same_state(before, after)  # weights and BatchNorm statistics
-    assert opt_before["state"].keys() == opt_after["state"].keys()
+    assert opt_before["state"].keys() == opt_after["state"].keys() and len(opt_before["state"]) == 8  # both groups
     for i, state in opt_before["state"].items():
         for key, value in state.items():
             assert torch.equal(value, opt_after["state"][i][key]), (i, key)
@@ -256,7 +256,7 @@ def test_lr_find_leaves_the_method_state_as_it_was():
     assert_same_state(before, state_copy(model))
     skipped, state = _sam_state(model)
     assert skipped == sam_before[0]
-    assert state["m"]["index"] == sam_before[1]["m"]["index"]
+    assert state["m"]["index"] == sam_before[1]["m"]["index"] == list(range(6))  # every parameter's m
     for a, b in zip(state["m"]["values"], sam_before[1]["m"]["values"], strict=True):
         assert torch.equal(a, b)
 

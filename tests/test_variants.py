@@ -16,6 +16,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(a: dict, b: dict) -> None:
+    assert a, "an empty state: nothing to compare"
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -114,6 +115,7 @@ def test_scheduled_rho_is_used_in_training_and_is_a_function_of_the_step():
 
     schedule = RhoSchedule("linear", total_steps=6, rho_min=0.01)
     trainer(max_steps=6, callbacks=[Record()]).fit(SAMClassifier(sam=SAM(0.05, rho_schedule=schedule)), make_loader())
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5]  # every step is checked below
     for step, (rho, eps_norm) in seen.items():
         assert rho == pytest.approx(schedule.rho(step, 0.05))
         assert eps_norm == pytest.approx(rho, rel=1e-4)
