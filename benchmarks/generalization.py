@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> str:
     extra: list[str] = []
     if args.quick:
         args.seeds, args.noise, args.epochs = [0], [0.2], 1
-        extra = ["+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+        extra = ["trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
     start = time.perf_counter()
     results = {}
     for noise in args.noise:

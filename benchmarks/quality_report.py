@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> str:
     extra: list[str] = []
     if args.quick:
         args.seeds, args.noise, args.epochs = [0], [0.4], 1
-        extra = ["+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+        extra = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
     start = time.perf_counter()
     worst, tuned, trials_of = max(args.noise), {}, {}
     for method in METHODS:  # 1. the same budget for every method, on validation accuracy

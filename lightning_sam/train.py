@@ -16,9 +16,12 @@ This is the only module of the package that imports Hydra.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -34,11 +37,12 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sam.callbacks import SharpnessMonitor
+from lightning_sam.command_line import CommandLineError, check_command_line
 from lightning_sam.methods import method_from_config
 from lightning_sam.models import Classifier, SAMClassifier
 from lightning_sam.runs import AtomicCheckpointIO, Interrupted, RunLock, is_disk_full, raise_on_signals
@@ -60,16 +64,38 @@ class ConfigError(ValueError):
 
 
 def _build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``instantiate(cfg[key])``, with errors that name the config key (``sam.rho``, not ``rho``)."""
-    node = cfg[key]
+    """``instantiate`` the node at ``key`` (dotted), with errors that name the full key the user typed.
+
+    ``rho`` becomes ``sam.rho``, ``mode`` ``callbacks.checkpoint.mode``; a value set by an interpolation
+    names its source: GSAM's ``lr_max`` is ``optimizer.lr``.
+    """
+    node = OmegaConf.select(cfg, key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        message = str(cause)
-        for name in node:
-            message = message.replace(f"`{name}`", f"`{key}.{name}`")
-        raise ConfigError(f"Invalid `{key}` config: {message}") from cause
+        raise ConfigError(f"Invalid `{key}` config: {_name_keys(str(cause), node, key)}") from cause
+
+
+def _leaf_keys(node: Any, prefix: str) -> dict[str, str]:
+    """``{name: how to name it}`` for every key below ``node``: its full key, or the key it interpolates from."""
+    found: dict[str, str] = {}
+    if not isinstance(node, DictConfig):
+        return found
+    for name in node:
+        full = f"{prefix}.{name}"
+        raw = OmegaConf.to_container(node, resolve=False)[name]  # type: ignore[index]
+        source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        found.setdefault(str(name), f"`{source.group(1)}` (through `{full}`)" if source else f"`{full}`")
+        for sub, named in _leaf_keys(node._get_node(name), full).items():
+            found.setdefault(sub, named)
+    return found
+
+
+def _name_keys(message: str, node: Any, prefix: str) -> str:
+    """``message`` with each backquoted argument name replaced by the full config key (see :func:`_build`)."""
+    keys = _leaf_keys(node, prefix)
+    return re.sub(r"`(\w+)`", lambda m: keys.get(m.group(1), m.group(0)), message)
 
 
 def _enabled(node: Any) -> bool:
@@ -165,25 +191,32 @@ def _train(cfg: DictConfig, resume: _Resume, start: float) -> dict[str, Any]:
             ModuleLayout.of(model, sam)
         except ValueError as err:
             raise ConfigError(f"Invalid `sam.only={sam.only!r}`: {err}") from err
+        except TypeError as err:
+            raise ConfigError(f"model={_choices(cfg).get('model', '?')} cannot be trained with SAM: {err}") from err
     else:
         model = Classifier(net, datamodule.num_classes, optimizer, scheduler)
+    _check_optimization(cfg, model, trainer_cfg)
     resume.check_against(cfg, model, sam)
-    callbacks = [_build(cfg.callbacks, name) for name, node in cfg.callbacks.items() if _enabled(node)]
+    callbacks = [_build(cfg, f"callbacks.{name}") for name, node in cfg.callbacks.items() if _enabled(node)]
     if not use_sam:
         callbacks = [c for c in callbacks if not isinstance(c, SharpnessMonitor)]
     _check_monitors(cfg, logged=model.logged_keys(sam_steps=use_sam))
+    resumable = {"resume_step": resume.step}  # RunCSVLogger continues metrics.csv from the checkpoint's step
     loggers = [
-        _build(cfg.logger, name, **({"resume_step": resume.step} if node._target_.endswith("RunCSVLogger") else {}))
+        _build(cfg, f"logger.{name}", **(resumable if node._target_.endswith("RunCSVLogger") else {}))
         for name, node in cfg.logger.items()
         if _enabled(node)
     ]
     plugins = [AtomicCheckpointIO()]  # a crash or a full disk never leaves a truncated checkpoint
     if resume.run_dir is not None:  # its checkpoints are this run's own
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer = _build_trainer(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    if isinstance(model, SAMClassifier):
+        _check_method_takes_trainer(cfg, model, trainer, trainer_cfg)
     log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
     if trainer.is_global_zero:
         _rewrite_hydra_files(cfg)  # every check passed and this run holds the directory: its own .hydra/ files
+        resume.record(cfg)  # a resume that changed what may change: the run's config follows it
     try:
         return _fit_and_test(cfg, trainer, model, datamodule, resume, sam, start)
     finally:
@@ -225,6 +258,7 @@ class _Resume:
     def __init__(self, path: str | None, checkpoint: dict | None, run_dir: Path | None) -> None:
         self.path, self.checkpoint, self.run_dir = path, checkpoint, run_dir
         self.step = None if checkpoint is None else int(checkpoint.get("global_step", 0))
+        self.changes: dict[str, tuple[Any, Any]] = {}  # config keys this resume changed (allowed ones)
 
     @classmethod
     def of(cls, cfg: DictConfig) -> _Resume:
@@ -265,18 +299,117 @@ class _Resume:
         saved_method = method_from_config(saved) if saved else None
         if saved_method is not None and sam is None:
             log.warning("ckpt_path was trained with %r; resuming it with sam=none (no SAM) from here on.", saved_method)
+        self.changes = self._compare_configs(cfg)
+
+    def _run_config(self) -> DictConfig:
+        assert self.run_dir is not None
+        saved = self.run_dir / _RUN_COPY / "config.yaml"
+        return OmegaConf.load(saved if saved.is_file() else self.run_dir / ".hydra" / "config.yaml")  # type: ignore[return-value]
+
+    def _compare_configs(self, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+        """Refuse, naming every key, a resume whose config differs where the run cannot honestly continue.
+
+        The run's own config (its directory's) and this one are compared resolved, so a value that
+        follows another (``scheduler.T_max: ${trainer.max_epochs}``) counts where it lands. Keys in
+        :data:`MAY_CHANGE_ON_RESUME` may differ; their changes are returned as ``{key: (old, new)}``.
+        """
+        if self.run_dir is None:
+            return {}
+        run_cfg = self._run_config()
+        with open_dict(run_cfg):
+            run_cfg.output_dir = cfg.output_dir  # where the run is, in both
+        old = _flat(_container(run_cfg))
+        new = _flat(_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
+        differing = [k for k in sorted(set(old) | set(new)) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+        refused = [k for k in differing if not _may_change(k)]
+        if refused:
+            shown = "; ".join(
+                f"`{k}`: {_show(old.get(k, _ABSENT))} in the run, {_show(new.get(k, _ABSENT))} now{_follows(cfg, k)}"
+                for k in refused
+            )
+            raise ConfigError(
+                f"`ckpt_path={self.path}` resumes a run whose config differs where it cannot continue: {shown}. Resume "
+                "with the run's values, or start a new run; keys that may change on resume: "
+                f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in MAY_CHANGE_ON_RESUME)}."
+            )
+        kept = [k for k in differing if k not in ("ckpt_path", "output_dir")]
+        return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in kept}
+
+    def record(self, cfg: DictConfig) -> None:
+        """Keep the changes this resume made in the run's directory: its config and ``resumes.yaml``."""
+        if self.run_dir is None or not self.changes:
+            return
+        for key, (old, new) in self.changes.items():
+            log.warning("Resumed with %s=%s (the run had %s).", key, _show(new), _show(old))
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "ckpt_path")])
+        for folder in (self.run_dir / _RUN_COPY, self.run_dir / ".hydra"):
+            if folder.is_dir():
+                OmegaConf.save(task, folder / "config.yaml", resolve=False)
+        history = self.run_dir / "resumes.yaml"
+        entries = OmegaConf.to_container(OmegaConf.load(history)) if history.is_file() else []
+        change = {k: {"was": _plain(old), "now": _plain(new)} for k, (old, new) in self.changes.items()}
+        entries.append({"global_step": self.step, "ckpt_path": str(self.path), "changed": change})  # type: ignore[union-attr]
+        OmegaConf.save(OmegaConf.create(entries), history)
 
     def _differing_model_keys(self, cfg: DictConfig) -> str:
         if self.run_dir is None:
             return ""
-        saved = self.run_dir / _RUN_COPY / "config.yaml"
-        old = OmegaConf.load(saved if saved.is_file() else self.run_dir / ".hydra" / "config.yaml").get("model", {})
+        old = self._run_config().get("model", {})
         keys = [
             f"model.{k}={old.get(k)!r} there, {cfg.model.get(k)!r} here"
             for k in cfg.model
             if old.get(k) != cfg.model.get(k)
         ]
         return f" ({'; '.join(keys)})" if keys else ""
+
+
+#: Keys (``.``: every key below) that may differ when a run is resumed: its length (when no schedule
+#: follows it), what is observed and logged, where the data is, and the SAM method itself (whose change
+#: the module warns about). Everything else (model, data, optimizer, scheduler, seed, precision, devices,
+#: accumulation, clipping, the best-checkpoint tracking) is refused.
+MAY_CHANGE_ON_RESUME = (
+    "trainer.max_epochs", "trainer.max_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
+    "trainer.log_every_n_steps", "trainer.accelerator", "test", "data.num_workers", "data.data_dir", "data.download",
+    "sam.", "logger.", "callbacks.sharpness.", "callbacks.lr_monitor.", "callbacks.progress.", "callbacks.hessian.",
+    "task_name", "ckpt_path", "output_dir",
+)  # fmt: skip
+_ABSENT = "(not set)"
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE_ON_RESUME)
+
+
+def _container(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:  # an interpolation that cannot be resolved here: compare as written
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for a nested dict (lists stay values)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _follows(cfg: DictConfig, key: str) -> str:
+    """`` (it follows `x`)`` when ``key``'s value is the interpolation ``${x}`` in ``cfg``."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or name not in node:
+        return ""
+    raw = OmegaConf.to_container(node, resolve=False).get(name)  # type: ignore[union-attr]
+    source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return f" (it follows `{source.group(1)}`)" if source else ""
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, list, type(None))) else str(value)
 
 
 def _check_run_dir(cfg: DictConfig, resume: _Resume) -> None:
@@ -371,6 +504,160 @@ def _check_schedule(cfg: DictConfig, trainer_cfg: dict) -> None:
                 "scheduler.T_max, or use scheduler=none or scheduler=step."
             )
     _warn_unreached_milestones(cfg, trainer_cfg)
+
+
+def _check_optimization(cfg: DictConfig, model: Classifier, trainer_cfg: dict) -> None:
+    """Build the optimizer and scheduler as ``configure_optimizers`` does, and step the schedule over the run.
+
+    What a constructor refuses (``optimizer.nesterov=true`` with ``momentum=0``, a negative ``eps``), a
+    schedule that fails at some epoch or would give a negative or non-finite learning rate
+    (``scheduler.eta_min=-1``) is refused now, naming the key: the one whose return to the class's
+    default lets the build and the schedule pass.
+    """
+    for group in ("optimizer", "scheduler"):
+        if _enabled(cfg[group]):
+            _check_types(cfg, group)
+    epochs = trainer_cfg.get("max_epochs")
+    epochs = min(epochs, 10_000) if _is_int(epochs, 1) else 0
+
+    def from_config(trial: DictConfig) -> None:
+        opt = instantiate(trial.optimizer)(model.parameters())
+        _run_schedule(opt, instantiate(trial.scheduler)(opt) if _enabled(trial.scheduler) else None, epochs)
+
+    try:
+        configured = model.configure_optimizers()  # the code that will build them at fit
+        if isinstance(configured, dict):  # with a scheduler
+            _run_schedule(configured["optimizer"], configured["lr_scheduler"]["scheduler"], epochs)
+    except Exception as err:
+        raise ConfigError(_blame(cfg, ("optimizer", "scheduler"), from_config, err)) from err
+
+
+class _BadLearningRate(ValueError):
+    pass
+
+
+def _run_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, epochs: int) -> None:
+    """Step ``scheduler`` once per epoch of the run; raise if a learning rate is not a finite number >= 0."""
+    if scheduler is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+        for epoch in range(1, epochs + 1):
+            scheduler.step()
+            for group in optimizer.param_groups:
+                lr = float(group["lr"])
+                if not math.isfinite(lr) or lr < 0:
+                    raise _BadLearningRate(
+                        f"the learning rate would be {lr:g} at epoch {epoch} ({type(scheduler).__name__}); it must "
+                        "stay finite and >= 0"
+                    )
+
+
+def _defaults(target: str) -> dict[str, Any]:
+    """The default of each argument of the class ``target`` that has one."""
+    try:
+        signature = inspect.signature(get_class(target))
+    except (ValueError, TypeError, ImportError):  # no signature to read
+        return {}
+    return {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _check_types(cfg: DictConfig, group: str) -> None:
+    """A value whose default is a number (or true/false) must be one: ``scheduler.gamma=abc`` is refused."""
+    node = cfg[group]
+    for name, default in _defaults(node._target_).items():
+        if name not in node:
+            continue
+        value = node[name]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"Expected `{group}.{name}` to be true or false, got {value!r}.")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not _is_number(value):
+            raise ConfigError(f"Expected `{group}.{name}` to be a number, got {value!r}.")
+
+
+def _blame(cfg: DictConfig, groups: tuple[str, ...], attempt: Any, err: Exception) -> str:
+    """The keys of ``groups`` whose return to the class's default makes ``attempt(config)`` pass, with ``err``."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    culprits = []
+    for group in groups:
+        node = cfg[group]
+        if not _enabled(node):
+            continue
+        for name, default in _defaults(node._target_).items():
+            if name not in node or node[name] == default:
+                continue
+            trial = cfg.copy()
+            with open_dict(trial):
+                trial[group] = node.copy()
+                trial[group][name] = default
+            try:
+                attempt(trial)
+            except Exception:  # this key alone does not explain it
+                continue
+            culprits.append(f"{group}.{name}={_show(node[name])}")
+    if not culprits:
+        targets = ", ".join(str(cfg[g]._target_) for g in groups if _enabled(cfg[g]))
+        return f"Invalid {' / '.join(f'`{g}`' for g in groups)} config ({targets}): {reason}."
+    return f"Invalid `{'`, `'.join(culprits)}`: {reason}."
+
+
+def _show(value: Any) -> str:
+    """A config value as one types it on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _build_trainer(trainer_cfg: dict, **kwargs: Any) -> pl.Trainer:
+    """The Trainer of the run; what its constructor refuses names the key (``trainer.devices=0``)."""
+    try:
+        return instantiate(trainer_cfg, **kwargs)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        defaults = _defaults(trainer_cfg["_target_"])
+        culprits = []
+        for name, value in trainer_cfg.items():
+            if name not in defaults or value == defaults[name]:
+                continue
+            trial = {**trainer_cfg, name: defaults[name]}
+            try:
+                with _quiet_lightning():
+                    instantiate(trial, logger=False, enable_checkpointing=False)
+            except Exception:  # this key alone does not explain it
+                continue
+            culprits.append(f"trainer.{name}={_show(value)}")
+        if not culprits:
+            raise ConfigError(f"The Trainer refused the `trainer` config: {reason}") from err
+        hint = " (no GPU here: trainer=cpu)" if "trainer.accelerator=gpu" in culprits else ""
+        raise ConfigError(f"Invalid `{'`, `'.join(culprits)}`{hint}: {reason}") from err
+
+
+def _check_method_takes_trainer(cfg: DictConfig, model: SAMClassifier, trainer: pl.Trainer, trainer_cfg: dict) -> None:
+    """What the SAM module refuses of the Trainer at fit (``sam=gsam`` with accumulation), refused now."""
+    try:
+        model._sam_check_trainer(trainer)
+    except (ValueError, TypeError) as err:
+        message = re.sub(
+            r"`(\w+)(=[^`]*)?`",
+            lambda m: f"`trainer.{m.group(1)}{m.group(2) or ''}`" if m.group(1) in trainer_cfg else m.group(0),
+            str(err),
+        )
+        raise ConfigError(f"`sam={_choices(cfg).get('sam', '?')}` cannot train with this Trainer: {message}") from err
 
 
 def _check_monitors(cfg: DictConfig, logged: set[str]) -> None:
@@ -471,12 +758,29 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> tuple[Any, Any]:
     return net.eval(), datamodule
 
 
+def main() -> None:
+    """``python -m lightning_sam.train [overrides]``: the command line checked, then the Hydra app run.
+
+    An override Hydra cannot compose (an unknown option, a key missing from the config, bad syntax)
+    or a run directory that cannot be written prints one line and exits with status 2 before Hydra
+    makes a run directory (``HYDRA_FULL_ERROR=1`` leaves them to Hydra's own report).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        try:
+            check_command_line(sys.argv[1:])
+        except CommandLineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    app()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lightning_sam.configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """The Hydra entry point; returns the best validation accuracy (the objective for sweepers, never the test split).
+def app(cfg: DictConfig) -> float | None:
+    """The Hydra task; returns the best validation accuracy (the objective for sweepers, never the test split).
 
     Config errors print one line and exit with status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback);
-    SIGINT/SIGTERM print the command that resumes the run and exit with 128 + the signal's number.
+    SIGINT/SIGTERM print the command that resumes the run and exit with 128 + the signal's number; a
+    full disk or a checkpoint folder that cannot be written prints one line and the resume command.
     """
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -493,13 +797,29 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\n{err}. {_resume_hint(cfg)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + err.signum) from None
     except Exception as err:
-        if not is_disk_full(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: no space left on device ({err}). {_resume_hint(cfg)}", file=sys.stderr)
+        if is_disk_full(err):
+            print(f"error: no space left on device ({err}). {_resume_hint(cfg)}", file=sys.stderr)
+            raise SystemExit(1) from None
+        unwritable = _unwritable(err)
+        if unwritable is None:
+            raise
+        print(f"error: cannot write {unwritable}. Make it writable. {_resume_hint(cfg)}", file=sys.stderr)
         raise SystemExit(1) from None
     if Path(cfg.output_dir).resolve() != hydra_dir.resolve():  # resumed in its own run directory
         _merge_log_and_remove(hydra_dir, Path(cfg.output_dir))
     return result.get("best_val")
+
+
+def _unwritable(error: BaseException | None) -> str | None:
+    """What could not be written, if ``error`` (or what caused it) is a refused write (permission, read-only)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = error.filename or "a file of the run"
+            return f"{where} ({error.strerror or error})"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _resume_hint(cfg: DictConfig) -> str:

@@ -7,8 +7,23 @@ half of the bytes and raises OSError(ENOSPC), as a full disk does.
 import errno
 import io
 import sys
+import time
 
+import lightning.pytorch as pl
 import torch
+
+
+class SlowSteps(pl.Callback):
+    """Sleeps after each training batch, so a signal sent between two checkpoints lands inside the run.
+
+    Used as ``+callbacks.slow._target_=tests.app_fault_driver.SlowSteps``; it changes no result.
+    """
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
 
 
 def filling_disk_save(fail_at: int):

@@ -118,6 +118,9 @@ def main(out: Path, mode: str) -> None:
         {"state": state, "allreduces": ALLREDUCES, "steps": trainer.global_step, "sharpness": record.rows},
         out / f"rank{trainer.global_rank}.pt",
     )
+    if torch.distributed.is_initialized():  # end the process group before exit: gloo's threads otherwise
+        torch.distributed.barrier()  # may be torn down mid-flight ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

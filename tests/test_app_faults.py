@@ -80,16 +80,22 @@ def _resume_command(stderr: str) -> list[str]:
 def _assert_same_run(run: Path, out: str, reference: Path, reference_out: str) -> None:
     assert _tested(out) == _tested(reference_out)  # the same checkpoint tested, the same accuracy
     whole, resumed = _weights(reference), _weights(run)
-    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert whole and whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert _rows(run) == _rows(reference)  # metrics.csv continued where it stopped, no row twice
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
         p.name for p in (reference / "checkpoints").iterdir()
     )
 
 
+# The interrupted runs sleep after each batch (an epoch then takes over half a second), so that a signal sent
+# after epoch 0's checkpoint lands in epoch 1 however fast the machine is; sleeping changes no result.
+_SLOW = ("+callbacks.slow._target_=tests.app_fault_driver.SlowSteps",)
+_WITH_TESTS = {"env": {**os.environ, "PYTHONPATH": str(ROOT)}}
+
+
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, mnist1d_dir, uninterrupted):
     run = tmp_path / "run"
-    process = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}"))
+    process = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", *_SLOW), **_WITH_TESTS)
     _wait_for(run / "checkpoints" / "last.ckpt", process)  # epoch 0 is over
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)  # in the middle of epoch 1
@@ -97,7 +103,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, mnist1d_dir, 
     assert process.returncode == -signal.SIGKILL
     assert not list((run / "checkpoints").glob(".*.tmp"))  # or any partial file under a valid name
     ckpt = run / "checkpoints" / "last.ckpt"
-    code, out, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"ckpt_path={ckpt}")))
+    code, out, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"ckpt_path={ckpt}", *_SLOW), **_WITH_TESTS))
     assert code == 0, err[-3000:]
     noise = [x for x in err.splitlines() if "won't be reloaded" in x or "exists and is not empty" in x]
     assert not noise
@@ -107,7 +113,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, mnist1d_dir, 
 
 def test_sigterm_prints_the_resume_command_which_finishes_the_run(tmp_path, mnist1d_dir, uninterrupted):
     run = tmp_path / "run"
-    process = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}"))
+    process = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", *_SLOW), **_WITH_TESTS)
     _wait_for(run / "checkpoints" / "last.ckpt", process)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)  # what SLURM sends before a time limit
@@ -116,7 +122,7 @@ def test_sigterm_prints_the_resume_command_which_finishes_the_run(tmp_path, mnis
     assert "interrupted by SIGTERM. Resume with:" in err
     command = _resume_command(err)
     assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in command
-    code, out, err = _finish(_app(tmp_path, command))
+    code, out, err = _finish(_app(tmp_path, command, **_WITH_TESTS))
     assert code == 0, err[-3000:]
     _assert_same_run(run, out, *uninterrupted)
 

@@ -6,6 +6,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -55,8 +56,12 @@ def compose_cfg(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
 
 
 def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
+    choices = compose_cfg(tmp_path, data_dir).hydra.runtime.choices
+    assert sorted(g for g in choices if not g.startswith("hydra/")) == GROUPS  # every group train.yaml names
     for group in GROUPS:
-        for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+        options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+        assert options, group
+        for option in options:
             cfg = compose_cfg(tmp_path, data_dir, f"{group}={option}")
             assert cfg.hydra.runtime.choices[group] == option
             node = cfg[group] if group in cfg and group not in ("experiment", "debug") else None
@@ -64,9 +69,12 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
                 net = instantiate(node, num_classes=10)
                 assert net(torch.zeros(2, *((1, 40) if option == "cnn1d" else (3, 32, 32)))).shape == (2, 10)
             elif group in ("callbacks", "logger"):
+                built = 0
                 for name, sub in node.items():
                     if sub is not None:
                         assert instantiate(sub) is not None, name
+                        built += 1
+                assert built, f"{group}={option} builds nothing"
             elif group == "optimizer":
                 assert isinstance(instantiate(node)([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
             elif group == "scheduler" and node._target_ is not None:
@@ -115,11 +123,47 @@ def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
     assert ("sam/sam_fraction" in columns) == ("sam=aesam" in overrides)
 
 
+def _grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+CLIP_PROBES: list = []  # each ClipProbe the app built
+
+
+class ClipProbe(pl.Callback):
+    """Built by the app from ``callbacks.clip_probe``.
+
+    Keeps the clipping settings of the Trainer it was given to, and the gradient norm of each optimizer
+    step before clipping and as the optimizer steps with it.
+    """
+
+    def __init__(self):
+        self.settings, self.before, self.stepped = None, [], []
+        CLIP_PROBES.append(self)
+
+    def on_train_start(self, trainer, pl_module):
+        self.settings = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm, trainer.accumulate_grad_batches)
+        for optimizer in trainer.optimizers:  # after the step, p.grad is still what the step used
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.stepped.append(_grad_norm(opt)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning clips right after this hook
+        self.before.append(_grad_norm(optimizer))
+
+
 def test_app_passes_accumulation_and_clipping_to_the_trainer(tmp_path, data_dir):
     cfg = compose_cfg(
-        tmp_path, data_dir, "debug=default", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"
-    )
+        tmp_path, data_dir, "debug=default", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
+        f"+callbacks.clip_probe._target_={__name__}.ClipProbe",
+    )  # fmt: skip
+    CLIP_PROBES.clear()
     assert train(cfg)["global_step"] == 2  # 4 micro-batches, 2 optimizer steps
+    (probe,) = CLIP_PROBES
+    assert probe.settings == (0.5, "norm", 2)
+    assert len(probe.before) == len(probe.stepped) == 2
+    assert max(probe.before) > 0.5  # so clipping has something to do
+    # the optimizer steps with the descent gradient clipped to norm 0.5 (torch's clip_grad_norm_ divides by norm + 1e-6)
+    assert probe.stepped == pytest.approx([min(b, 0.5) for b in probe.before], rel=1e-5)
 
 
 def test_app_run_resumed_at_an_epoch_boundary_equals_the_uninterrupted_one(tmp_path, data_dir):
@@ -357,8 +401,8 @@ def test_command_line_sweeps_an_experiment_and_keeps_the_last_checkpoint(tmp_pat
         [
             sys.executable, "-m", "lightning_sam.train", "-m", "experiment=mnist1d_label_noise", "sam=sam,none",
             f"data.data_dir={data_dir}", "trainer.accelerator=cpu", "trainer.max_epochs=2", "optimizer.lr=0.0",
-            "scheduler=none", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false", "callbacks.progress=null",
+            "scheduler=none", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false", "callbacks.progress=null",
         ],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip

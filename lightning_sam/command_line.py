@@ -1,0 +1,191 @@
+"""The app's command line checked before Hydra runs it: every composition error in one line, exit 2.
+
+Hydra reports an unknown option (``sam=foo``), a key that is not in the config and a malformed override
+in 6 to 15 lines and exits with status 1, after it has made the run directory. :func:`check_command_line`
+composes the same config first (Hydra's compose API, with the same overrides) and turns each of those
+errors into one line that names what the user typed; it also refuses a run directory that cannot be
+written. A command line it does not understand (Hydra's own flags) is left to Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["CommandLineError", "check_command_line"]
+
+_CONFIG_MODULE, _CONFIG_NAME = "lightning_sam.configs", "train"
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+_MAX_COMPOSITIONS = 64  # a sweep checks each of its values once (others at their first value), up to this many
+
+
+class CommandLineError(ValueError):
+    """An override cannot be composed, or the run directory cannot be written; the message is one line."""
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Compose the config as ``python -m lightning_sam.train *argv`` would; raise on what would fail.
+
+    Raises:
+        CommandLineError: an unknown option, a key missing from its group's config (or one given a
+            ``+`` it does not need), an override that does not parse, or a run directory that cannot
+            be created; the message names the override as typed.
+    """
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in _MULTIRUN_FLAGS for f in flags):
+        return  # --cfg, --help, --config-name, ...: Hydra's own business
+    multirun = bool(flags)
+    overrides = [a for a in argv if not a.startswith("-")]
+    parsed = _parse(overrides)
+    cfg = None
+    for variant in _variants(overrides, parsed, multirun):
+        cfg = _compose(variant, multirun)
+    if cfg is not None:
+        mode = OmegaConf.to_container(cfg.hydra, resolve=False).get("mode")  # type: ignore[union-attr]
+        _check_run_directory(cfg, multirun or str(mode) in ("MULTIRUN", "RunMode.MULTIRUN"))
+
+
+def _parse(overrides: list[str]) -> list:
+    parser = OverridesParser.create()
+    parsed = []
+    for override in overrides:
+        try:
+            parsed.append(parser.parse_override(override))
+        except HydraException as err:  # OverrideParseException, or the grammar's own error
+            reason = str(err).splitlines()[0]
+            raise CommandLineError(
+                f"Cannot read the override `{override}` ({reason}); see "
+                "https://hydra.cc/docs/advanced/override_grammar/basic/ for the syntax."
+            ) from None
+    return parsed
+
+
+def _variants(overrides: list[str], parsed: list, multirun: bool) -> list[list[str]]:
+    """The override lists to compose: the command line itself, or for a sweep each swept value once."""
+    if not multirun or not any(o.is_sweep_override() for o in parsed):
+        return [overrides]
+    values: list[list[str]] = []
+    for text, override in zip(overrides, parsed):
+        if not override.is_sweep_override():
+            values.append([text])
+            continue
+        try:
+            choices = list(override.sweep_string_iterator())
+        except Exception:  # an interval sweep (for a sweeper plugin): its values are the sweeper's to draw
+            return []
+        values.append([f"{override.get_key_element()}={v}" for v in choices] or [text])
+    first = [v[0] for v in values]
+    variants = [first]
+    for i, options in enumerate(values):
+        for option in options[1:]:
+            variants.append([*first[:i], option, *first[i + 1 :]])
+    return variants[:_MAX_COMPOSITIONS]
+
+
+def _compose(overrides: list[str], multirun: bool) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(_CONFIG_MODULE, version_base="1.3"):
+            return compose(_CONFIG_NAME, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as err:
+        raise CommandLineError(_missing_option(str(err), overrides)) from None
+    except HydraException as err:
+        raise CommandLineError(_composition(str(err), overrides, multirun)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _typed(key: str, overrides: list[str]) -> str:
+    """The override that set ``key``, as typed (``key`` itself if none did)."""
+    for text in overrides:
+        if re.fullmatch(rf"[+~]*{re.escape(key)}(=.*)?", text):
+            return text
+    return key
+
+
+def _missing_option(message: str, overrides: list[str]) -> str:
+    found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+    options = re.findall(r"^\t(\S+)$", message.split("Config search path:")[0], flags=re.MULTILINE)
+    if found is None:
+        return message.splitlines()[0]
+    group, option = found.groups()
+    typed = _typed(group, overrides) if any(o.split("=")[0].lstrip("+~") == group for o in overrides) else None
+    where = f"`{typed}`" if typed else f"`{group}: {option}` (from a config file)"
+    accepted = f"; expected one of: {', '.join(options)}" if options else ""
+    return f"{where} is not an option of the config group `{group}`{accepted}."
+
+
+def _composition(message: str, overrides: list[str], multirun: bool) -> str:
+    first = message.splitlines()[0] if message else "the config cannot be composed"
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found:
+        key = found.group(1)
+        value = _typed(key, overrides).partition("=")[2]
+        hint = " (any argument of lightning.pytorch.Trainer can be added so)" if key.startswith("trainer.") else ""
+        return (
+            f"`{_typed(key, overrides)}` sets a key the config does not have; to add it, write "
+            f"`+{key}={value}`{hint}."
+        )
+    found = re.search(r"An item is already at '([^']+)'", message)
+    if found:
+        key = found.group(1)
+        value = _typed(key, overrides).partition("=")[2]
+        return f"`{_typed(key, overrides)}` adds a key the config already has: write `{key}={value}` (without `+`)."
+    found = re.search(r"Ambiguous value for argument '([^']+)'", message)
+    if found:
+        return (
+            f"`{found.group(1)}` gives several values: add -m to run one job for each, or write a list as "
+            "key=[a,b]."
+        )
+    found = re.search(r"Could not delete from config. (?:The value of )?'([^']+)'", message)
+    if found:
+        return f"`~{found.group(1)}` deletes a key the config does not have."
+    return first
+
+
+def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
+    """Refuse a run (or sweep) directory whose nearest existing folder cannot be written."""
+    raw: dict = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]  # as written
+    kind = "sweep" if multirun else "run"
+    candidates = [(f"hydra.{kind}.dir", raw.get("hydra", {}).get(kind, {}).get("dir"))]
+    output_dir = raw.get("output_dir")
+    if isinstance(output_dir, str) and "${" not in output_dir:  # set to a folder of its own
+        candidates.append(("output_dir", output_dir))
+    for name, value in candidates:
+        if not isinstance(value, str):
+            continue
+        fixed, interpolated, _ = value.partition("${")  # the part that no interpolation changes
+        path = Path(os.path.dirname(fixed) if interpolated and not fixed.endswith("/") else fixed or ".")
+        problem = _unwritable(path)
+        if problem:
+            raise CommandLineError(
+                f"Cannot write the run directory {value} (`{name}`): {problem}. Pick a writable place, e.g. "
+                f"{name}=/tmp/run."
+            )
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why no folder can be created at ``path`` (``None`` if one can)."""
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lightning_sam_probe.", dir=probe)
+    except OSError as err:
+        return f"{probe} is not writable ({err.strerror})"
+    os.close(fd)
+    os.unlink(name)
+    return None

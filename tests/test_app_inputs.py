@@ -1,0 +1,161 @@
+"""The app's command line as a user types it: every bad value one line, exit 2, no run directory; resumes
+with other overrides refused or recorded; an unwritable checkpoint folder mid-run ends in one line.
+
+The app runs in this process through its real entry point (``main()`` with ``sys.argv``), so Hydra
+composes, makes the run directory and writes ``.hydra/`` exactly as for ``python -m lightning_sam.train``.
+"""
+
+import errno
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_sam import runs
+from lightning_sam.train import main
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m lightning_sam.train *args``, in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["lightning_sam.train", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _base(data_dir: Path, run: Path, *extra: str) -> list[str]:
+    return ["debug=default", f"data.data_dir={data_dir}", f"hydra.run.dir={run}", *extra]
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("sam=foo", r"`sam=foo` is not an option of the config group `sam`; expected one of: aesam, asam, fsam"),
+        ("logger=nonexistent", r"`logger=nonexistent` is not an option of the config group `logger`"),
+        ("trainer.foo=3", r"`trainer.foo=3` sets a key the config does not have; to add it, write `\+trainer.foo=3`"),
+        ("+trainer.max_epochs=3", r"`\+trainer.max_epochs=3` adds a key the config already has"),
+        ("sam.rho=[1", r"Cannot read the override `sam.rho=\[1`"),
+        ("sam.rho=0.1,0.2", r"`sam.rho=0.1,0.2` gives several values: add -m"),
+        ("trainer.limit_train_batches=0", r"Expected `trainer.limit_train_batches` to be a positive number"),
+        ("trainer.devices=0", r"Invalid `trainer.devices=0`: "),
+        ("trainer.precision=17", r"Invalid `trainer.precision=17`: "),
+        ("optimizer.momentum=0 optimizer.nesterov=true", r"Invalid `optimizer.nesterov=true`: Nesterov momentum"),
+        ("scheduler=step scheduler.gamma=abc", r"Expected `scheduler.gamma` to be a number, got 'abc'"),
+        ("scheduler.eta_min=-1", r"Invalid `scheduler.eta_min=-1`: the learning rate would be -1 at epoch 1"),
+        ("sam=gsam trainer.accumulate_grad_batches=2",
+         r"`sam=gsam` cannot train with this Trainer: .*`trainer.accumulate_grad_batches=2`"),
+        ("sam=gsam optimizer.lr=0", r"`optimizer.lr` \(through `sam.rho_schedule.lr_max`\) to be a float > lr_min"),
+        ("callbacks.checkpoint.mode=foo", r"`callbacks.checkpoint.mode`"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_one_line_exit_2_and_leaves_no_run_directory(
+    tmp_path, mnist1d_dir, monkeypatch, capsys, override, match
+):
+    run = tmp_path / "run"
+    code, out, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, *override.split()))
+    assert code == 2, err[-3000:]
+    assert re.search(match, _error_line(err)), err
+    assert "Traceback" not in err and "test accuracy" not in out
+    assert not run.exists()
+
+
+def test_a_sweep_with_an_unknown_option_is_refused_before_any_job(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    code, _, err = _run(
+        monkeypatch, capsys, "-m", "sam=sam,nope", "debug=default", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
+    assert code == 2
+    assert "`sam=nope` is not an option of the config group `sam`" in _error_line(err)
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("where", ["/sys/lightning_sam_run", "a_file/run"])
+def test_an_unwritable_output_location_is_one_line(tmp_path, mnist1d_dir, monkeypatch, capsys, where):
+    (tmp_path / "a_file").write_text("not a folder")
+    run = where if where.startswith("/") else str(tmp_path / where)
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, Path(run)))
+    assert code == 2
+    line = _error_line(err)
+    assert f"Cannot write the run directory {run} (`hydra.run.dir`)" in line
+    assert ("is not writable" in line) if where.startswith("/") else ("is not a folder" in line)
+
+
+def test_a_checkpoint_folder_that_becomes_unwritable_ends_in_one_line_and_the_resume_command(
+    tmp_path, mnist1d_dir, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    real_mkstemp, calls = tempfile.mkstemp, []
+
+    def refusing_mkstemp(*args, **kwargs):  # AtomicCheckpointIO's temporary file, from the second epoch on
+        folder = kwargs.get("dir")
+        if folder is not None and Path(folder).name == "checkpoints":
+            calls.append(folder)
+            if len(calls) > 2:  # epoch 0 wrote its best and last checkpoints
+                raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(runs.tempfile, "mkstemp", refusing_mkstemp)
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, "trainer.max_epochs=3", "scheduler=none"))
+    assert code == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-2] == f"error: cannot write {run / 'checkpoints'} (Permission denied). Make it writable. Resume with:"
+    assert lines[-1].strip().startswith("python -m lightning_sam.train debug=default")
+    assert lines[-1].endswith(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+
+def test_a_resume_that_changes_what_cannot_change_is_refused_naming_each_key(
+    tmp_path, mnist1d_dir, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, "trainer.max_epochs=2", "test=false"))
+    assert code == 0, err[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    config = (run / ".hydra" / "config.yaml").read_text()
+    resume = [*_base(mnist1d_dir, tmp_path / "other", f"ckpt_path={ckpt}", "test=false")]
+    # the cosine schedule's length follows trainer.max_epochs: 2 epochs planned, 3 asked
+    code, _, err = _run(monkeypatch, capsys, *resume, "trainer.max_epochs=3", "optimizer.lr=0.5")
+    assert code == 2
+    line = _error_line(err)
+    assert "`optimizer.lr`: 0.1 in the run, 0.5 now" in line
+    assert "`scheduler.T_max`: 2 in the run, 3 now (it follows `trainer.max_epochs`)" in line
+    assert "keys that may change on resume: trainer.max_epochs" in line
+    assert (run / ".hydra" / "config.yaml").read_text() == config  # the run's own config untouched
+    assert not (run / "resumes.yaml").exists()
+
+
+def test_a_resume_that_changes_what_may_change_continues_and_is_recorded(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    short = ["scheduler=none", "test=false"]
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, "trainer.max_epochs=1", *short))
+    assert code == 0, err[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    longer = ["trainer.max_epochs=2", *short, f"ckpt_path={ckpt}"]
+    code, out, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, tmp_path / "other", *longer))
+    assert code == 0, err[-3000:]
+    assert "8 optimizer steps" in out  # 4 more after the checkpoint's 4
+    history = yaml.safe_load((run / "resumes.yaml").read_text())
+    assert history == [
+        {"global_step": 4, "ckpt_path": str(ckpt), "changed": {"trainer.max_epochs": {"was": 1, "now": 2}}}
+    ]
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]["max_epochs"] == 2
+    # resumed again with the same overrides: nothing differs from the run's (updated) config
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, tmp_path / "again", *longer))
+    assert code == 0, err[-3000:]
+    assert len(yaml.safe_load((run / "resumes.yaml").read_text())) == 1
