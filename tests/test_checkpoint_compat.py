@@ -1,0 +1,29 @@
+"""Checkpoints written by lightning-sam 0.2.0 (tests/fixtures/v0_2, made by make_v0_2_checkpoints.py with that
+version) load and resume bit for bit with the current code, for every method; new checkpoints keep the format."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.make_v0_2_checkpoints import METHODS
+from tests.helpers import SAMClassifier, assert_same_state, make_loader, state_copy, trainer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v0_2"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_0_2_checkpoint_resumes_bit_for_bit(name, tmp_path):
+    ckpt = FIXTURES / f"{name}.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 6 and saved["lightning_sam"]["config"]["class_path"].startswith("lightning_sam.")
+    model = SAMClassifier(sam=METHODS[name]())
+    trainer(max_epochs=3).fit(model, make_loader(batch_size=16), ckpt_path=ckpt)
+    assert_same_state(torch.load(FIXTURES / f"{name}.final.pt", weights_only=True), state_copy(model))
+    # what a checkpoint of today holds about the method: the same plain data as in 0.2.0
+    path = tmp_path / "now.ckpt"
+    model.trainer.save_checkpoint(path)
+    now = torch.load(path, map_location="cpu", weights_only=True)["lightning_sam"]
+    assert now["config"] == saved["lightning_sam"]["config"]
+    assert now["method"].keys() == saved["lightning_sam"]["method"].keys()
+    assert now.keys() == saved["lightning_sam"].keys()
