@@ -27,3 +27,17 @@ def test_a_0_2_checkpoint_resumes_bit_for_bit(name, tmp_path):
     assert now["config"] == saved["lightning_sam"]["config"]
     assert now["method"].keys() == saved["lightning_sam"]["method"].keys()
     assert now.keys() == saved["lightning_sam"].keys()
+
+
+def test_method_objects_pickled_by_earlier_versions_load_with_weights_only():
+    """0.1 checkpoints held the method objects themselves (as `lightning_sam.methods.SAM`, ...) in their hparams."""
+    from lightning_sam import ASAM, GSAM, SAM, LookSAM, RhoSchedule
+
+    held = torch.load(FIXTURES / "methods_pickled.pt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert held == {
+        "sam": SAM(0.05, interval=2, rho_schedule=RhoSchedule("cosine", total_steps=100, rho_min=0.01)),
+        "asam": ASAM(0.5, 0.01),
+        "gsam": GSAM(0.05, 0.1),
+        "looksam": LookSAM(0.05, k=5, alpha=0.7),
+    }
+    assert repr(held["asam"]) == "ASAM(rho=0.5, eta=0.01)"
