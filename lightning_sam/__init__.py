@@ -9,13 +9,25 @@ Example::
 
 import torch
 
-from lightning_sam.backup import WeightBackup
 from lightning_sam.callbacks import SharpnessMonitor
+from lightning_sam.core.backup import WeightBackup
+from lightning_sam.core.tensors import global_norm
+from lightning_sam.core.update import SAMStepStats
 from lightning_sam.manual import sam_step
-from lightning_sam.methods import AESAM, ASAM, GSAM, SAM, FriendlySAM, LatePhaseSAM, LookSAM, ParamGroup, RhoSchedule
+from lightning_sam.methods import (
+    AESAM,
+    ASAM,
+    GSAM,
+    SAM,
+    FriendlySAM,
+    LatePhaseSAM,
+    LookSAM,
+    Method,
+    ParamGroup,
+    RhoSchedule,
+)
+from lightning_sam.methods import REGISTRY as _REGISTRY
 from lightning_sam.module import SAMLightningModule
-from lightning_sam.step import SAMStepStats
-from lightning_sam.tensors import global_norm
 
 __version__ = "0.2.0"
 
@@ -27,6 +39,7 @@ __all__ = [
     "FriendlySAM",
     "LatePhaseSAM",
     "LookSAM",
+    "Method",
     "ParamGroup",
     "RhoSchedule",
     "SAMLightningModule",
@@ -38,5 +51,9 @@ __all__ = [
     "sam_step",
 ]
 
-# Checkpoints written by earlier versions may hold a method object; let `torch.load(weights_only=True)` read them.
-torch.serialization.add_safe_globals([SAM, ASAM, GSAM, LookSAM, RhoSchedule])  # the methods of 0.1
+# Checkpoints written by earlier versions may hold a method object, pickled under the module path of 0.1
+# (`lightning_sam.methods.SAM`); let `torch.load(weights_only=True)` read them.
+torch.serialization.add_safe_globals(
+    [(cls, f"lightning_sam.methods.{cls.__name__}") for cls in (SAM, ASAM, GSAM, LookSAM, RhoSchedule)]
+    + [*_REGISTRY.values(), RhoSchedule]  # and under their paths of today
+)

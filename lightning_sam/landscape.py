@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lightning_sam.analysis import batch_loss, interpolate, plot_slices, random_plane
-from lightning_sam.train import load_run
+from lightning_sam.app.load import load_run
 
 __all__ = ["main"]
 

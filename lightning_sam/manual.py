@@ -15,14 +15,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
-from lightning_sam._compat import active_scaler, loss_scale
-from lightning_sam.methods import SAM
-from lightning_sam.step import SAMStepStats, SAMUpdate
-from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
+from lightning_sam._context import StepContext
+from lightning_sam.core.update import SAMStepStats, SAMUpdate
+from lightning_sam.methods import Method, shipped
 
 __all__ = ["sam_step", "sam_step_stats"]
 
@@ -34,7 +34,7 @@ def sam_step(
     module: pl.LightningModule,
     optimizer: LightningOptimizer,
     closure: Callable[[], Tensor],
-    method: SAM,
+    method: Method,
     *,
     sync_perturbation: bool = False,
 ) -> Tensor:
@@ -95,25 +95,26 @@ def sam_step(
     index = next(i for i, o in enumerate(trainer.optimizers) if o is raw)
     update = _update_for(module, trainer, index, raw, method)
     strategy = trainer.strategy
-    scaler = active_scaler(trainer.precision_plugin)
+    context = StepContext.of(trainer, method, sync_perturbation)
     group = raw.param_groups[0]
-    any_rank = lambda flag: strategy.reduce_boolean_decision(flag, all=False)  # noqa: E731  any replica's flag
-    try:
-        update.open_(int(group.get(_STEP_KEY, 0)), raw)
+    with update.step_(int(group.get(_STEP_KEY, 0)), raw):
         raw.zero_grad(set_to_none=True)
         if not update.is_sam_step:
             loss = closure()
             update.note_loss(loss)
             module.manual_backward(loss)
         else:
-            sync_clean = sync_perturbation or method.uses_clean_gradient
-            local = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
-            with nullcontext() if sync_clean else local:
+
+            def local() -> Any:  # the clean pass stays on this replica (each its own e) unless it is averaged
+                parallel = isinstance(strategy, ParallelStrategy) and not context.syncs_clean
+                return strategy.block_backward_sync() if parallel else nullcontext()
+
+            with local():
                 loss = closure()
-                scale = loss_scale(scaler) if scaler is not None else None
-                ascended = update.ascend_(
-                    raw, loss, lambda: module.manual_backward(loss), lr=group["lr"], any_rank=any_rank, loss_scale=scale
-                )
+
+            def clean_backward() -> None:
+                with local():
+                    module.manual_backward(loss)
 
             def perturbed_pass() -> Tensor:
                 with _silent_log(module):
@@ -121,24 +122,26 @@ def sam_step(
                 module.manual_backward(perturbed_loss)
                 return perturbed_loss
 
-            if ascended:
-                update.descend_(perturbed_pass)
-            elif not sync_clean and is_distributed_ddp(strategy.model):  # an adaptive method's plain step
-                all_reduce_mean_([p.grad for g in raw.param_groups for p in g["params"] if p.grad is not None])
-        update.close_(raw, any_rank=any_rank, scaler=scaler is not None)
+            update.passes_(
+                raw,
+                loss,
+                clean_backward,
+                perturbed_pass,
+                lr=group["lr"],
+                any_rank=context.any_rank,
+                loss_scale=context.loss_scale(),
+                on_plain_step=context.averaging_local_clean([p for g in raw.param_groups for p in g["params"]]),
+            )
+        update.close_(raw, any_rank=context.any_rank, scaler=context.scaler is not None)
         optimizer.step()
-    except BaseException:
-        update.abort_()
-        raise
-    update.end_()
     group[_STEP_KEY] = int(group.get(_STEP_KEY, 0)) + 1
     return loss.detach()
 
 
 def sam_step_stats(module: pl.LightningModule) -> dict[int, SAMStepStats]:
     """The figures of the last SAM step of each optimizer that :func:`sam_step` ran, by optimizer index."""
-    updates: dict[int, tuple[Any, SAMUpdate]] = module.__dict__.get(_STATE, {})
-    return {i: u.last for i, (_, u) in sorted(updates.items()) if u.last is not None}
+    updates: dict[int, tuple[Any, SAMUpdate, int]] = module.__dict__.get(_STATE, {})
+    return {i: u.last for i, (_, u, _) in sorted(updates.items()) if u.last is not None}
 
 
 def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturbation: Any) -> pl.Trainer:
@@ -149,8 +152,11 @@ def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturba
             "`sam_step` is for manual optimization: set `self.automatic_optimization = False` in "
             f"`{type(module).__name__}.__init__`, or keep automatic optimization and use SAMLightningModule."
         )
-    if not isinstance(method, SAM):
-        raise TypeError(f"Expected `method` to be a method object (SAM, ASAM, GSAM, LookSAM), got {method!r}.")
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"Expected `method` to be a method object (one of {shipped()}, or a lightning_sam.Method of your own), "
+            f"got {method!r}."
+        )
     if not callable(closure):
         raise TypeError(f"Expected `closure` to be a callable returning the loss, got {closure!r}.")
     if not isinstance(sync_perturbation, bool):
@@ -165,23 +171,26 @@ def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturba
     return trainer
 
 
-def _update_for(module: Any, trainer: pl.Trainer, index: int, raw: torch.optim.Optimizer, method: SAM) -> SAMUpdate:
+def _update_for(module: Any, trainer: pl.Trainer, index: int, raw: torch.optim.Optimizer, method: Method) -> SAMUpdate:
     """The SAMUpdate of optimizer `index`, bound anew for each fit, each method object and each finder's trials.
 
     The Tuner's finders run their trial steps in the same fit with other limits (`max_steps`, ...), then
-    put them back: the limits are part of the key, so the fit's own steps are planned by its own length.
+    put them back: the limits are part of the key, so the fit's own steps are planned by its own length,
+    and the steps a finder's trials skipped do not count in the fit's `skipped_steps`.
     """
-    updates: dict[int, tuple[Any, SAMUpdate]] = module.__dict__.setdefault(_STATE, {})
+    updates: dict[int, tuple[Any, SAMUpdate, int]] = module.__dict__.setdefault(_STATE, {})
     limits = (trainer.max_steps, trainer.max_epochs, trainer.limit_train_batches, trainer.accumulate_grad_batches)
     key = (id(trainer), id(raw), id(method), limits)
     found = updates.get(index)
     if found is None or found[0] != key:
         update = SAMUpdate(method)
         if found is not None and found[1].method is method:
-            update.skipped_steps = found[1].skipped_steps
+            same_fit = found[0][:3] == key[:3]  # only the limits changed: a finder's trials began or ended
+            update.skipped_steps = found[2] if same_fit else found[1].skipped_steps
         total = trainer.estimated_stepping_batches  # batches: each optimizer steps once per batch at most
-        update.bind_(module, raw, total_steps=None if math.isinf(total) else int(total))
-        updates[index] = (key, update)
+        unfrozen_later = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)
+        update.bind_(module, raw, None if math.isinf(total) else int(total), unfrozen_later=unfrozen_later)
+        updates[index] = (key, update, update.skipped_steps)
     return updates[index][1]
 
 

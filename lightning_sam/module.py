@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import BaseFinetuning, GradientAccumulationScheduler
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -21,10 +21,10 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sam._compat import active_scaler, grad_sync, loss_scale, should_update_logs
-from lightning_sam.methods import SAM, method_from_config, method_to_config
-from lightning_sam.step import SKIPPED_STEPS_KEY, SAMStepStats, SAMUpdate
-from lightning_sam.tensors import all_reduce_mean_, is_distributed_ddp
+from lightning_sam._compat import grad_sync, should_update_logs
+from lightning_sam._context import StepContext
+from lightning_sam.core.update import SKIPPED_STEPS_KEY, SAMStepStats, SAMUpdate
+from lightning_sam.methods import SAM, Method, method_from_config, method_to_config, shipped
 
 __all__ = ["SAMLightningModule", "SAMStepStats"]
 
@@ -105,17 +105,17 @@ class SAMLightningModule(pl.LightningModule):
     """
 
     def __init__(
-        self, *args: Any, sam: SAM | Mapping[str, Any] | None = None, sync_perturbation: bool = False, **kwargs: Any
+        self, *args: Any, sam: Method | Mapping[str, Any] | None = None, sync_perturbation: bool = False, **kwargs: Any
     ) -> None:
         given = sam is not None
         if sam is None:
             sam = SAM()
         elif isinstance(sam, Mapping):
             sam = method_from_config(sam)
-        if not isinstance(sam, SAM):
+        if not isinstance(sam, Method):
             raise TypeError(
-                "Expected `sam` to be a method object (SAM, ASAM, GSAM, LookSAM), its config "
-                f"{{'class_path': ..., 'init_args': ...}}, or None for SAM(rho=0.05); got {sam!r}."
+                f"Expected `sam` to be a method object (one of {shipped()}, or a lightning_sam.Method of your "
+                f"own), its config {{'class_path': ..., 'init_args': ...}}, or None for SAM(rho=0.05); got {sam!r}."
             )
         if not isinstance(sync_perturbation, bool):
             raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
@@ -157,7 +157,7 @@ class SAMLightningModule(pl.LightningModule):
             frame = current.f_back if current is not None else None
         super().save_hyperparameters(*args, frame=frame, **kwargs)
         for hparams in (self._hparams, getattr(self, "_hparams_initial", None)):
-            if hparams is not None and isinstance(hparams.get("sam"), SAM):
+            if hparams is not None and isinstance(hparams.get("sam"), Method):
                 hparams["sam"] = method_to_config(hparams["sam"])
 
     # ------------------------------------------------------------------ checks before training
@@ -256,7 +256,10 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_pass.takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
         total = trainer.estimated_stepping_batches
-        self._sam_update.bind_(self, trainer.optimizers[0], total_steps=None if math.isinf(total) else int(total))
+        unfrozen_later = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)
+        self._sam_update.bind_(
+            self, trainer.optimizers[0], None if math.isinf(total) else int(total), unfrozen_later=unfrozen_later
+        )
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -300,13 +303,10 @@ class SAMLightningModule(pl.LightningModule):
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
         if self._sam_pass.perturbing:
             return user_step(self, *args, **kwargs)
-        try:
+        with update.guarded():  # nothing is lost: buffers go back to where this update started
             # the first micro-batch of an update reads the optimizer's parameters and saves the buffers
             update.open_(trainer.global_step, trainer.optimizers[0])
             output = user_step(self, *args, **kwargs)
-        except BaseException:
-            update.abort_()  # nothing is lost: buffers go back to where this update started
-            raise
         self._sam_pass.batch = (args, kwargs)
         clean_loss = _loss_or_none(output)
         self._sam_pass.clean_loss = clean_loss.detach() if clean_loss is not None else None  # no graph kept
@@ -319,80 +319,56 @@ class SAMLightningModule(pl.LightningModule):
         update = self._sam_update
         if self._sam_pass.perturbing or not update.is_open:
             return user_backward(loss)
-        try:
+        with update.guarded():
             if update.is_sam_step:
-                self._sam_ascent_descent(loss, user_backward)
+                self._sam_passes(loss, user_backward)
             else:
                 update.note_loss(loss)
                 user_backward(loss)
-        except BaseException:
-            update.abort_()
-            raise
 
     def _sam_optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
     ) -> None:
         user_step = type(self).optimizer_step
         update, trainer = self._sam_update, self._trainer
-        if optimizer_closure is None or trainer is None or not trainer.training or not update.bound:
+        if optimizer_closure is None or trainer is None or not trainer.training:
             return user_step(self, epoch, batch_idx, optimizer, optimizer_closure)
-        strategy = trainer.strategy
-        # the clean pass stays local to this replica (each its own e) unless e is synchronized or the
-        # method's descent needs the clean gradient
-        local_clean = self.sam.takes_sam_step(trainer.global_step) and not self._sam_syncs_clean
+        if not update.bound:  # a finder's first trial step: Lightning calls this hook before training_step
+            self._sam_bind(trainer)
+        context = StepContext.of(trainer, self.sam, self.sync_perturbation)
+        # the clean pass stays local to this replica (each its own e) unless it is averaged
+        local_clean = update.takes_sam_step(trainer.global_step, trainer.optimizers[0]) and not context.syncs_clean
 
         def sam_closure() -> Any:
             self._sam_pass.last_micro_batch = True
             try:
-                with grad_sync(strategy.model, enabled=False) if local_clean else nullcontext():
+                with grad_sync(trainer.strategy.model, enabled=False) if local_clean else nullcontext():
                     result = optimizer_closure()
             finally:
                 self._sam_pass.last_micro_batch = False
             # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
-            update.close_(
-                trainer.optimizers[0],
-                any_rank=_any_replica(strategy),
-                scaler=active_scaler(trainer.precision_plugin) is not None,
-            )
+            update.close_(trainer.optimizers[0], any_rank=context.any_rank, scaler=context.scaler is not None)
             return result
 
-        try:
+        with update.guarded():
             user_step(self, epoch, batch_idx, optimizer, sam_closure)
-        except BaseException:
-            update.abort_()
-            raise
         update.end_()
         if should_update_logs(trainer):
             self.log(SKIPPED_STEPS_KEY, float(update.skipped_steps), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ the two passes
-    @property
-    def _sam_syncs_clean(self) -> bool:
-        return self.sync_perturbation or self.sam.uses_clean_gradient
-
-    def _sam_ascent_descent(self, loss: Tensor, user_backward: Callable[[Tensor], None]) -> None:
+    def _sam_passes(self, loss: Tensor, user_backward: Callable[[Tensor], None]) -> None:
         """Steps 1-4 inside Lightning's backward of the clean loss: e(w), the perturbed pass, w restored."""
         trainer, update = self.trainer, self._sam_update
+        context = StepContext.of(trainer, self.sam, self.sync_perturbation)
         strategy, optimizer = trainer.strategy, trainer.optimizers[0]
-        scaler = active_scaler(trainer.precision_plugin)
         last = self._sam_pass.last_micro_batch
-        # Lightning runs earlier micro-batches under its own no_sync: an e synchronized over replicas
-        # then needs its own all-reduce of the clean gradient
-        reduce_clean = self._sam_syncs_clean and not last and is_distributed_ddp(strategy.model)
 
         def clean_backward() -> None:
             user_backward(loss)
-            if reduce_clean:
-                all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
+            if context.syncs_clean and not last:  # Lightning runs earlier micro-batches under its own no_sync
+                context.average_(self.parameters())
 
-        clean_loss = self._sam_pass.clean_loss if self._sam_pass.clean_loss is not None else loss
-        lr, any_rank = optimizer.param_groups[0]["lr"], _any_replica(strategy)
-        scale = loss_scale(scaler) if scaler is not None else None
-        if not update.ascend_(optimizer, clean_loss, clean_backward, lr=lr, any_rank=any_rank, loss_scale=scale):
-            # an adaptive method chose a plain step; a clean pass kept local must now be averaged
-            if last and not self._sam_syncs_clean and is_distributed_ddp(strategy.model):
-                all_reduce_mean_([p.grad for p in self.parameters() if p.grad is not None])
-            return
         args, kwargs = self._sam_pass.batch
         n = trainer.accumulate_grad_batches
 
@@ -403,12 +379,23 @@ class SAMLightningModule(pl.LightningModule):
                 with grad_sync(strategy.model, enabled=True) if last else nullcontext():
                     perturbed_loss = _loss_of(strategy.training_step(*args, **kwargs))
                     scaled = perturbed_loss / n if n > 1 else perturbed_loss
-                    user_backward(scaler.scale(scaled) if scaler is not None else scaled)
+                    user_backward(context.scaler.scale(scaled) if context.scaler is not None else scaled)
             finally:
                 self._sam_pass.perturbing = False
             return perturbed_loss
 
-        update.descend_(perturbed_pass)
+        clean_loss = self._sam_pass.clean_loss if self._sam_pass.clean_loss is not None else loss
+        update.passes_(
+            optimizer,
+            clean_loss,
+            clean_backward,
+            perturbed_pass,
+            lr=optimizer.param_groups[0]["lr"],
+            any_rank=context.any_rank,
+            loss_scale=context.loss_scale(),
+            # an adaptive method chose a plain step: a clean pass kept local must now be averaged
+            on_plain_step=context.averaging_local_clean(self.parameters()) if last else None,
+        )
 
 
 @dataclass(slots=True)
@@ -420,11 +407,6 @@ class _PassState:
     batch: tuple[tuple, dict] = ((), {})  # what the clean pass's training_step received
     clean_loss: Tensor | None = None
     takes_batch_idx: bool = True
-
-
-def _any_replica(strategy: Any) -> Callable[[bool], bool]:
-    """``decide(flag)``: whether any replica's flag is set (the flag itself on one device)."""
-    return lambda flag: strategy.reduce_boolean_decision(flag, all=False)
 
 
 def _loss_or_none(output: Any) -> Tensor | None:

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sam import SAM
 from lightning_sam.analysis import (
     batch_loss,
     filter_normalized_direction,
@@ -19,8 +18,7 @@ from lightning_sam.analysis import (
     random_plane,
     top_hessian_eigenvalue,
 )
-from lightning_sam.callbacks import HessianMonitor
-from tests.helpers import SAMClassifier, make_data, make_net, trainer
+from tests.helpers import make_data, make_net
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,19 +130,6 @@ class UnusedHeadClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_hessian_monitor_on_a_module_with_an_unused_head():
-    monitor = HessianMonitor(num_batches=2, iters=10)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
-    t = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, callbacks=[monitor], logger=False,
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-    )  # fmt: skip
-    t.fit(UnusedHeadClassifier(), torch.utils.data.DataLoader(data, batch_size=8, shuffle=False))
-    assert [epoch for epoch, _ in monitor.history] == [0, 1]
-    assert monitor.history[-1][1] > 0
-    assert t.callback_metrics["sharpness/hessian_max_eig"].item() == pytest.approx(monitor.history[-1][1])
 
 
 def test_probes_leave_weights_mode_and_global_rng_alone():
@@ -271,38 +256,6 @@ def test_the_package_imports_without_matplotlib():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'pip install "lightning-sam[plots]"' in result.stdout
-
-
-class RecordLogged(pl.Callback):
-    def __init__(self):
-        self.logged = []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.logged.append("sharpness/hessian_max_eig" in trainer.callback_metrics)
-
-
-def test_hessian_monitor_logs_on_schedule_and_leaves_training_unchanged():
-    loader = torch.utils.data.DataLoader(make_data(), batch_size=16, shuffle=True)  # draws from the global RNG
-    finals = {}
-    for name in ("with", "without"):
-        monitor = HessianMonitor(every_n_epochs=2, num_batches=2, iters=10)
-        record = RecordLogged()
-
-        pl.seed_everything(0)
-        model = SAMClassifier(sam=SAM(0.05))
-        callbacks = [monitor, record] if name == "with" else []
-        trainer(max_epochs=5, callbacks=callbacks).fit(model, loader)
-        finals[name] = _weights(model) + [b.clone() for b in model.buffers()]
-        if name == "with":
-            assert [epoch for epoch, _ in monitor.history] == [1, 3, 4]  # every 2nd epoch and the last
-            assert all(value > 0 for _, value in monitor.history)
-            assert record.logged == [False, True, True, True, True]
-    assert all(torch.equal(a, b) for a, b in zip(finals["with"], finals["without"]))
-
-
-def test_hessian_monitor_arguments():
-    with pytest.raises(ValueError, match=r"`every_n_epochs` to be an int >= 1, got 0"):
-        HessianMonitor(every_n_epochs=0)
 
 
 def test_landscape_command_from_two_runs(tmp_path, mnist1d_dir):

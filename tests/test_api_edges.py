@@ -1,5 +1,5 @@
-"""Edges of the Python API: a disabled GradScaler, `only=` on frozen parameters, every RhoSchedule argument,
-sparse gradients and complex parameters (refused before training)."""
+"""Edges of the Python API: a disabled GradScaler, `only=` on frozen parameters, sparse gradients and complex
+parameters (refused before training). Every RhoSchedule argument: tests/methods/test_schedule.py."""
 
 import lightning.pytorch as pl
 import pytest
@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_sam import SAM, RhoSchedule, SAMLightningModule, sam_step
+from lightning_sam import SAM, SAMLightningModule, sam_step
 from tests.helpers import Classifier, SAMClassifier, Snapshots, assert_same_state, make_loader, state_copy, trainer
 
 
@@ -48,22 +48,6 @@ def test_only_that_selects_frozen_parameters_alone_is_refused_before_training():
     with pytest.raises(ValueError, match=r"`only='net\\\\.0\\\\.'` selects only frozen parameters"):
         trainer(max_steps=2).fit(model, make_loader(batch_size=16))
     assert_same_state(before, state_copy(model))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(shape="constant", total_steps=-5), ValueError, r"`total_steps` to be an int >= 1, got -5"),
-        (dict(shape="constant", lr_max=-3.0), ValueError, r"`lr_max` to be a finite, non-negative float, got -3.0"),
-        (dict(shape="cosine", total_steps=10, lr_min=-1.0), ValueError, r"`lr_min` to be a finite, non-negative"),
-        (dict(shape="linear", total_steps=10, lr_max=0.1, lr_min=0.2), ValueError, r"`lr_max` to be a float > lr_min"),
-        (dict(shape="constant", total_steps=5, warmup_steps=5), ValueError, r"`total_steps` to be an int >= 6"),
-        (dict(shape="constant", total_steps=2.5), TypeError, r"`total_steps` to be an int >= 1, got 2.5"),
-    ],
-)
-def test_every_rho_schedule_argument_given_is_checked(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        RhoSchedule(**kwargs)
 
 
 class SparseOrComplex(SAMLightningModule):

@@ -225,8 +225,12 @@ def test_two_optimizers_raise():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"sam": 0.05}, TypeError, r"`sam` to be a method object \(SAM, ASAM, GSAM, LookSAM\)"),
-        ({"sam": {"class_path": "torch.nn.Linear"}}, ValueError, r"`class_path` to name a SAM class"),
+        (
+            {"sam": 0.05},
+            TypeError,
+            r"`sam` to be a method object \(one of SAM, ASAM, GSAM, LookSAM, LatePhaseSAM, AESAM, FriendlySAM, or a ",
+        ),
+        ({"sam": {"class_path": "torch.nn.Linear"}}, ValueError, r"`class_path` to name a Method class"),
         ({"sync_perturbation": 1}, TypeError, r"`sync_perturbation` to be True or False, got 1"),
     ],
 )

@@ -275,3 +275,53 @@ def test_batch_size_finder_runs_the_sam_step_and_restores_the_module():
     (plain_seen, plain_size), (sam_seen, sam_size) = seen[Counting], seen[SAMCounting]
     assert plain_size == sam_size and len(set(plain_seen)) >= 3  # several trial sizes
     assert sam_seen == [b for b in plain_seen for _ in range(2)]  # each step of each trial: two passes
+
+
+class AddGroupMidWindow(pl.Callback):
+    """Adds the backbone's group before batch ``at_batch`` of the first epoch (3: a window's second micro-batch)."""
+
+    def __init__(self, at_batch: int):
+        self.at_batch = at_batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.at_batch:
+            pl_module.backbone.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.backbone.parameters())})
+
+
+@pytest.mark.parametrize("at_batch", [2, 3], ids=["window-start", "mid-window"])
+def test_a_group_added_between_micro_batches_is_followed(at_batch):
+    runs = {}
+    modules = {"plain": Finetune(frozen_backbone=True), "sam": SAMFinetune(sam=SAM(0.0), frozen_backbone=True)}
+    for name, module in modules.items():
+        t = trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[AddGroupMidWindow(at_batch)])
+        t.fit(module, make_loader(batch_size=24))
+        runs[name] = state_copy(module)
+    assert_same_state(runs["plain"], runs["sam"])
+
+
+class StepsSeen(SAMCounting):
+    def training_step(self, batch, batch_idx):
+        self.steps.append(self.trainer.global_step)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_first_trial_step_of_a_finder_is_a_whole_sam_step():
+    """Lightning calls optimizer_step before training_step: the finder's first step must bind there already."""
+    model = StepsSeen(sam=SAM(0.05, interval=2))
+    model.steps = []
+    pl.tuner.Tuner(trainer()).lr_find(model, num_training=4, update_attr=False)
+    assert model.steps == [0, 0, 1, 2, 2, 3]  # SAM steps (two passes) at 0 and 2, plain steps at 1 and 3
+
+
+def test_only_on_a_backbone_frozen_until_backbone_finetuning_unfreezes_it():
+    class Counted(SAMFinetune):
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.trainer.global_step)
+            return super().training_step(batch, batch_idx)
+
+    model = Counted(sam=SAM(0.05, only=r"^backbone\.[03]\."), frozen_backbone=True)  # its linear layers
+    model.seen = []
+    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, train_bn=False)
+    trainer(max_epochs=2, callbacks=[callback]).fit(model, make_loader(batch_size=24))
+    assert model.seen == [0, 1, 2, 3, 4, 4, 5, 5, 6, 6, 7, 7]  # one pass while the backbone is frozen, then two

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(data_dir: Path, *extra: str) -> list[str]:
@@ -89,7 +89,7 @@ def _assert_same_run(run: Path, out: str, reference: Path, reference_out: str) -
 
 # The interrupted runs sleep after each batch (an epoch then takes over half a second), so that a signal sent
 # after epoch 0's checkpoint lands in epoch 1 however fast the machine is; sleeping changes no result.
-_SLOW = ("+callbacks.slow._target_=tests.app_fault_driver.SlowSteps",)
+_SLOW = ("+callbacks.slow._target_=tests.app.fault_driver.SlowSteps",)
 _WITH_TESTS = {"env": {**os.environ, "PYTHONPATH": str(ROOT)}}
 
 
@@ -154,7 +154,7 @@ def test_the_same_explicit_directory_is_refused_to_a_second_run(tmp_path, mnist1
 
 def test_a_full_disk_leaves_no_truncated_checkpoint(tmp_path, mnist1d_dir):
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "tests" / "app_fault_driver.py"), "4", *_args(mnist1d_dir)]
+    command = [sys.executable, str(ROOT / "tests" / "app" / "fault_driver.py"), "4", *_args(mnist1d_dir)]
     result = subprocess.run([*command, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]

@@ -100,6 +100,14 @@ def _compose(overrides: list[str], multirun: bool) -> DictConfig:
         raise CommandLineError(_missing_option(str(err), overrides)) from None
     except HydraException as err:
         raise CommandLineError(_composition(str(err), overrides, multirun)) from None
+    except ValueError as err:  # e.g. `logger=null`: "Config group override must be a string or a list"
+        reason = str(err).splitlines()[0]
+        nulls = [o for o in overrides if o.lstrip("+~").partition("=")[2] == "null"]
+        where = f"`{nulls[0]}`" if nulls else "The command line"
+        raise CommandLineError(
+            f"{where} cannot be composed ({reason}): a config group takes the name of an option, not null; to "
+            "drop a group, choose its `none` option where it has one (sam=none, scheduler=none)."
+        ) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -130,10 +138,13 @@ def _composition(message: str, overrides: list[str], multirun: bool) -> str:
     if found:
         key = found.group(1)
         value = _typed(key, overrides).partition("=")[2]
+        group = key.split(".")[0]
+        if f"{group}=none" in overrides:
+            typed = _typed(key, overrides)
+            return f"`{typed}` sets a key of `{group}=none`, which has none: drop it, or choose a {group}."
         hint = " (any argument of lightning.pytorch.Trainer can be added so)" if key.startswith("trainer.") else ""
         return (
-            f"`{_typed(key, overrides)}` sets a key the config does not have; to add it, write "
-            f"`+{key}={value}`{hint}."
+            f"`{_typed(key, overrides)}` sets a key the config does not have; to add it, write `+{key}={value}`{hint}."
         )
     found = re.search(r"An item is already at '([^']+)'", message)
     if found:
@@ -142,10 +153,7 @@ def _composition(message: str, overrides: list[str], multirun: bool) -> str:
         return f"`{_typed(key, overrides)}` adds a key the config already has: write `{key}={value}` (without `+`)."
     found = re.search(r"Ambiguous value for argument '([^']+)'", message)
     if found:
-        return (
-            f"`{found.group(1)}` gives several values: add -m to run one job for each, or write a list as "
-            "key=[a,b]."
-        )
+        return f"`{found.group(1)}` gives several values: add -m to run one job for each, or write a list as key=[a,b]."
     found = re.search(r"Could not delete from config. (?:The value of )?'([^']+)'", message)
     if found:
         return f"`~{found.group(1)}` deletes a key the config does not have."

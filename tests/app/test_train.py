@@ -17,10 +17,11 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from lightning_sam.app.checks import ConfigError
+from lightning_sam.app.train import train
 from lightning_sam.data import CIFAR10DataModule, MNIST1DDataModule, read_cifar
-from lightning_sam.train import ConfigError, train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
@@ -416,10 +417,10 @@ def test_command_line_sweeps_an_experiment_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_step_milestones_beyond_the_run_are_warned_about(tmp_path, data_dir, caplog):
-    from lightning_sam.train import _warn_unreached_milestones
+    from lightning_sam.app.checks import warn_unreached_milestones
 
     cfg = compose_cfg(tmp_path, data_dir, "scheduler=step")  # milestones 60, 120, 160; 30 epochs
     with caplog.at_level("WARNING", logger="lightning_sam.train"):
-        _warn_unreached_milestones(cfg, {"max_epochs": 30})
-        _warn_unreached_milestones(cfg, {"max_epochs": 200})
+        warn_unreached_milestones(cfg, {"max_epochs": 30})
+        warn_unreached_milestones(cfg, {"max_epochs": 200})
     assert [r.getMessage()[:40] for r in caplog.records] == ["scheduler.milestones=[60, 120, 160] are "]

@@ -1,6 +1,6 @@
 """Runs the training app with a disk that fills up at the N-th checkpoint (tests/test_app_faults.py).
 
-Usage: python tests/app_fault_driver.py N [app overrides...]. The N-th torch.save into a file writes
+Usage: python tests/app/fault_driver.py N [app overrides...]. The N-th torch.save into a file writes
 half of the bytes and raises OSError(ENOSPC), as a full disk does.
 """
 
@@ -16,7 +16,7 @@ import torch
 class SlowSteps(pl.Callback):
     """Sleeps after each training batch, so a signal sent between two checkpoints lands inside the run.
 
-    Used as ``+callbacks.slow._target_=tests.app_fault_driver.SlowSteps``; it changes no result.
+    Used as ``+callbacks.slow._target_=tests.app.fault_driver.SlowSteps``; it changes no result.
     """
 
     def __init__(self, seconds: float = 0.05) -> None:

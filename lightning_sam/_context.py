@@ -1,0 +1,64 @@
+"""What the SAM step needs to know from Lightning's Trainer, decided in one place for the mixin and ``sam_step``.
+
+The four decisions both front ends make at each step: how the replicas agree on a flag (a skip, a
+SAM step), whether the clean gradient is averaged over them, the AMP loss scale, and whether a
+clean gradient kept local must be averaged after an adaptive method chose a plain step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from lightning_sam._compat import active_scaler, loss_scale
+from lightning_sam.core.tensors import all_reduce_mean_, is_distributed_ddp
+from lightning_sam.methods.base import Method
+
+__all__ = ["StepContext"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The Trainer as one SAM step sees it.
+
+    Attributes:
+        any_rank: ``any_rank(flag)``: whether any replica's flag is set (the flag itself on one device).
+        scaler: the precision plugin's GradScaler, if it scales losses (a disabled one counts as none).
+        syncs_clean: the clean gradient is averaged over replicas: ``sync_perturbation`` (one ``e`` for
+            all), or a method whose descent uses the clean gradient (every replica must compute the same).
+        distributed: DistributedDataParallel over several processes.
+    """
+
+    any_rank: Callable[[bool], bool]
+    scaler: Any | None
+    syncs_clean: bool
+    distributed: bool
+
+    @classmethod
+    def of(cls, trainer: Any, method: Method, sync_perturbation: bool) -> StepContext:
+        """The context of ``trainer``'s current step for ``method``."""
+        strategy = trainer.strategy
+        return cls(
+            any_rank=lambda flag: strategy.reduce_boolean_decision(flag, all=False),
+            scaler=active_scaler(trainer.precision_plugin),
+            syncs_clean=sync_perturbation or method.uses_clean_gradient,
+            distributed=is_distributed_ddp(strategy.model),
+        )
+
+    def loss_scale(self) -> Tensor | None:
+        """The AMP scale of the losses now (``None`` without a scaler), without a host sync."""
+        return loss_scale(self.scaler) if self.scaler is not None else None
+
+    def average_(self, params: Iterable[Tensor]) -> None:
+        """Average the gradients of ``params`` over the replicas, in one collective (nothing on one process)."""
+        if self.distributed:
+            all_reduce_mean_([p.grad for p in params if p.grad is not None])
+
+    def averaging_local_clean(self, params: Iterable[Tensor]) -> Callable[[], None] | None:
+        """What a plain step (an adaptive method's choice) must do when the clean gradient was kept local."""
+        if self.syncs_clean or not self.distributed:
+            return None
+        return lambda: self.average_(params)

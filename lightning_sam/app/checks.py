@@ -1,0 +1,416 @@
+"""The app's pre-flight: every config value checked before any training, each error naming the key typed.
+
+Builds what the run will use from the config (the data module, the method, the model, the optimizer
+and scheduler with the schedule stepped over the run, the Trainer) so that a value is checked by the
+code that will use it, and maps each refusal to the full key (``callbacks.checkpoint.mode``, and
+``optimizer.lr`` for a value interpolated from it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_sam.models import Classifier, SAMClassifier
+
+__all__ = [
+    "ConfigError",
+    "build",
+    "build_trainer",
+    "check_method_takes_trainer",
+    "check_model_takes_data",
+    "check_monitors",
+    "check_optimization",
+    "check_schedule",
+    "check_top_level",
+    "check_validation_interval",
+    "choices",
+    "enabled",
+    "is_int",
+    "is_number",
+    "prepare_data",
+    "show",
+    "warn_unreached_milestones",
+]
+
+log = logging.getLogger("lightning_sam.train")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names its key and what is accepted."""
+
+
+def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate`` the node at ``key`` (dotted), with errors that name the full key the user typed.
+
+    ``rho`` becomes ``sam.rho``, ``mode`` ``callbacks.checkpoint.mode``; a value set by an interpolation
+    names its source: GSAM's ``lr_max`` is ``optimizer.lr``.
+    """
+    node = OmegaConf.select(cfg, key)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"Invalid `{key}` config: {_name_keys(str(cause), node, key)}") from cause
+
+
+def _leaf_keys(node: Any, prefix: str) -> dict[str, str]:
+    """``{name: how to name it}`` for every key below ``node``: its full key, or the key it interpolates from."""
+    found: dict[str, str] = {}
+    if not isinstance(node, DictConfig):
+        return found
+    for name in node:
+        full = f"{prefix}.{name}"
+        raw = OmegaConf.to_container(node, resolve=False)[name]  # type: ignore[index]
+        source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        found.setdefault(str(name), f"`{source.group(1)}` (through `{full}`)" if source else f"`{full}`")
+        for sub, named in _leaf_keys(node._get_node(name), full).items():
+            found.setdefault(sub, named)
+    return found
+
+
+def _name_keys(message: str, node: Any, prefix: str) -> str:
+    """``message`` with each backquoted argument name replaced by the full config key (see :func:`build`)."""
+    keys = _leaf_keys(node, prefix)
+    return re.sub(r"`(\w+)`", lambda m: keys.get(m.group(1), m.group(0)), message)
+
+
+def enabled(node: Any) -> bool:
+    """Whether a config node builds something (``_target_`` set; ``sam=none`` and ``scheduler=none`` do not)."""
+    return isinstance(node, DictConfig) and node.get("_target_") is not None
+
+
+def choices(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen option of each config group (``model: cnn1d``, ...), where Hydra knows them."""
+    if HydraConfig.initialized():
+        return dict(HydraConfig.get().runtime.choices)
+    return dict(cfg.get("hydra", {}).get("runtime", {}).get("choices", {}))
+
+
+def prepare_data(cfg: DictConfig, datamodule: Any) -> None:
+    """Generate or find (or download) the data now, so that a missing archive is a config error."""
+    try:
+        datamodule.prepare_data()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    except OSError as err:  # e.g. data.download=true without a network
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"Could not get the data for data={choices(cfg).get('data', '?')} into "
+            f"data.data_dir={cfg.data.get('data_dir')!r} ({reason}). Put the archive there yourself, or check the "
+            "network for data.download=true."
+        ) from err
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Type and range checks Hydra cannot do for us, with the key in the message, before anything is built."""
+    optimizer, model, data = cfg.optimizer, cfg.model, cfg.data
+    checks = [
+        ("seed", cfg.get("seed"), lambda v: is_int(v, 0) and v < 2**32, "an int in [0, 2**32)"),
+        ("test", cfg.get("test", True), lambda v: isinstance(v, bool), "true or false"),
+        ("trainer.max_epochs", cfg.trainer.get("max_epochs"), lambda v: v is None or v == -1 or is_int(v, 1),
+         "an int >= 1 (or -1 with trainer.max_steps, no end by epochs)"),
+        ("trainer.max_steps", cfg.trainer.get("max_steps", -1), lambda v: v == -1 or is_int(v, 1),
+         "-1 or an int >= 1"),
+        ("trainer.limit_train_batches", cfg.trainer.get("limit_train_batches", 1.0),
+         lambda v: is_number(v) and v > 0, "a positive number (0 would train nothing)"),
+        ("trainer.check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch", 1),
+         lambda v: v is None or is_int(v, 1), "null or an int >= 1"),
+        ("trainer.val_check_interval", cfg.trainer.get("val_check_interval"),
+         lambda v: v is None or is_int(v, 1) or (isinstance(v, float) and 0 < v <= 1),
+         "null, a fraction of an epoch in (0, 1] or a number of batches >= 1"),
+        ("trainer.accumulate_grad_batches", cfg.trainer.get("accumulate_grad_batches", 1), lambda v: is_int(v, 1),
+         "an int >= 1"),
+        ("trainer.gradient_clip_val", cfg.trainer.get("gradient_clip_val"),
+         lambda v: v is None or (is_number(v) and v >= 0), "null or a non-negative number"),
+        ("trainer.gradient_clip_algorithm", cfg.trainer.get("gradient_clip_algorithm", "norm"),
+         lambda v: v in ("norm", "value"), "one of 'norm', 'value'"),
+        ("optimizer.lr", optimizer.get("lr"), lambda v: is_number(v) and v >= 0, "a non-negative number"),
+        ("optimizer.momentum", optimizer.get("momentum", 0.0), lambda v: is_number(v) and 0 <= v <= 1,
+         "a number in [0, 1]"),
+        ("optimizer.weight_decay", optimizer.get("weight_decay", 0.0), lambda v: is_number(v) and v >= 0,
+         "a non-negative number"),
+        ("optimizer.betas", optimizer.get("betas", [0.9, 0.999]),
+         lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("model.dropout", model.get("dropout", 0.0), lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("data.num_workers", data.get("num_workers", 0), lambda v: is_int(v, 0), "an int >= 0"),
+        ("data.val_fraction", data.get("val_fraction", 0.1), lambda v: is_number(v) and 0 <= v < 1,
+         "a fraction in [0, 1)"),
+    ]  # fmt: skip
+    checks += [(f"model.{k}", model.get(k), lambda v: is_int(v, 1), "an int >= 1")
+               for k in ("channels", "depth", "width") if k in model]  # fmt: skip
+    for key, value, ok, accepted in checks:
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"Expected `{key}` to be {accepted}, got {value!r}.")
+    if cfg.data.get("val_fraction", 0.1) == 0:
+        log.warning(
+            "data.val_fraction=0: no validation split, so no best checkpoint can be chosen; the weights at the end "
+            "of training are tested."
+        )
+
+
+def is_int(value: Any, minimum: int) -> bool:
+    """An int (not a bool) ``>= minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_schedule(cfg: DictConfig, trainer_cfg: dict) -> None:
+    """A schedule that needs the length of the run gets one; step milestones are epochs."""
+    milestones = cfg.scheduler.get("milestones") if enabled(cfg.scheduler) else None
+    if milestones is not None and not (
+        OmegaConf.is_list(milestones) and len(milestones) and all(is_int(m, 1) for m in milestones)
+    ):
+        raise ConfigError(f"Expected `scheduler.milestones` to be a list of epochs (ints >= 1), got {milestones!r}.")
+    if enabled(cfg.scheduler) and "T_max" in cfg.scheduler:
+        t_max = cfg.scheduler.T_max
+        if not is_int(t_max, 1):
+            raise ConfigError(
+                f"Expected `scheduler.T_max` to be an int >= 1 (epochs to decay over), got {t_max!r}: with "
+                f"trainer.max_epochs={trainer_cfg.get('max_epochs')!r} the run has no end by epochs. Set "
+                "scheduler.T_max, or use scheduler=none or scheduler=step."
+            )
+
+
+def warn_unreached_milestones(cfg: DictConfig, trainer_cfg: dict) -> None:
+    """Warn when every milestone of a step schedule lies at or beyond the run's last epoch."""
+    milestones = cfg.scheduler.get("milestones") if enabled(cfg.scheduler) else None
+    max_epochs = trainer_cfg.get("max_epochs")
+    if milestones and isinstance(max_epochs, int) and max_epochs >= 0 and min(milestones) >= max_epochs:
+        log.warning(
+            "scheduler.milestones=%s are all at or beyond trainer.max_epochs=%s: the learning rate never drops. "
+            "Set scheduler.milestones to epochs within the run.",
+            list(milestones),
+            max_epochs,
+        )
+
+
+def check_optimization(cfg: DictConfig, model: Classifier, trainer_cfg: dict) -> None:
+    """Build the optimizer and scheduler as ``configure_optimizers`` does, and step the schedule over the run.
+
+    What a constructor refuses (``optimizer.nesterov=true`` with ``momentum=0``, a negative ``eps``), a
+    schedule that fails at some epoch or would give a negative or non-finite learning rate
+    (``scheduler.eta_min=-1``) is refused now, naming the key: the one whose return to the class's
+    default lets the build and the schedule pass.
+    """
+    for group in ("optimizer", "scheduler"):
+        if enabled(cfg[group]):
+            _check_types(cfg, group)
+    epochs = trainer_cfg.get("max_epochs")
+    epochs = min(epochs, 10_000) if is_int(epochs, 1) else 0
+
+    def from_config(trial: DictConfig) -> None:
+        opt = instantiate(trial.optimizer)(model.parameters())
+        _run_schedule(opt, instantiate(trial.scheduler)(opt) if enabled(trial.scheduler) else None, epochs)
+
+    try:
+        configured = model.configure_optimizers()  # the code that will build them at fit
+        if isinstance(configured, dict):  # with a scheduler
+            _run_schedule(configured["optimizer"], configured["lr_scheduler"]["scheduler"], epochs)
+    except Exception as err:
+        raise ConfigError(_blame(cfg, ("optimizer", "scheduler"), from_config, err)) from err
+
+
+class _BadLearningRate(ValueError):
+    pass
+
+
+def _run_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, epochs: int) -> None:
+    """Step ``scheduler`` once per epoch of the run; raise if a learning rate is not a finite number >= 0."""
+    if scheduler is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+        for epoch in range(1, epochs + 1):
+            scheduler.step()
+            for group in optimizer.param_groups:
+                lr = float(group["lr"])
+                if not math.isfinite(lr) or lr < 0:
+                    raise _BadLearningRate(
+                        f"the learning rate would be {lr:g} at epoch {epoch} ({type(scheduler).__name__}); it must "
+                        "stay finite and >= 0"
+                    )
+
+
+def _defaults(target: str) -> dict[str, Any]:
+    """The default of each argument of the class ``target`` that has one."""
+    try:
+        signature = inspect.signature(get_class(target))
+    except (ValueError, TypeError, ImportError):  # no signature to read
+        return {}
+    return {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _check_types(cfg: DictConfig, group: str) -> None:
+    """A value whose default is a number (or true/false) must be one: ``scheduler.gamma=abc`` is refused."""
+    node = cfg[group]
+    for name, default in _defaults(node._target_).items():
+        if name not in node:
+            continue
+        value = node[name]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"Expected `{group}.{name}` to be true or false, got {value!r}.")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number(value):
+            raise ConfigError(f"Expected `{group}.{name}` to be a number, got {value!r}.")
+
+
+def _blame(cfg: DictConfig, groups: tuple[str, ...], attempt: Any, err: Exception) -> str:
+    """The keys of ``groups`` whose return to the class's default makes ``attempt(config)`` pass, with ``err``."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    culprits = []
+    for group in groups:
+        node = cfg[group]
+        if not enabled(node):
+            continue
+        for name, default in _defaults(node._target_).items():
+            if name not in node or node[name] == default:
+                continue
+            trial = cfg.copy()
+            with open_dict(trial):
+                trial[group] = node.copy()
+                trial[group][name] = default
+            try:
+                attempt(trial)
+            except Exception:  # this key alone does not explain it
+                continue
+            culprits.append(f"{group}.{name}={show(node[name])}")
+    if not culprits:
+        targets = ", ".join(str(cfg[g]._target_) for g in groups if enabled(cfg[g]))
+        return f"Invalid {' / '.join(f'`{g}`' for g in groups)} config ({targets}): {reason}."
+    return f"Invalid `{'`, `'.join(culprits)}`: {reason}."
+
+
+def show(value: Any) -> str:
+    """A config value as one types it on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.Trainer:
+    """The Trainer of the run (``kwargs``: its callbacks, loggers, plugins); a refusal names the key.
+
+    The key is the one whose return to the Trainer's default lets the same construction (the same
+    callbacks and plugins) pass: ``trainer.devices=0``. ``quiet``: without Lightning's info lines.
+    """
+
+    def attempt(config: dict) -> pl.Trainer:
+        with _quiet_lightning() if quiet else nullcontext():
+            return instantiate(config, **kwargs)
+
+    try:
+        return attempt(trainer_cfg)
+    except Exception as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        defaults = _defaults(trainer_cfg["_target_"])
+        culprits = []
+        for name, value in trainer_cfg.items():
+            if name not in defaults or value == defaults[name]:
+                continue
+            try:
+                with _quiet_lightning():
+                    instantiate({**trainer_cfg, name: defaults[name]}, **kwargs)
+            except Exception:  # this key alone does not explain it
+                continue
+            culprits.append(f"trainer.{name}={show(value)}")
+        if not culprits:
+            raise ConfigError(f"The Trainer refused the `trainer` config with these callbacks: {reason}") from cause
+        hint = " (no GPU here: trainer=cpu)" if "trainer.accelerator=gpu" in culprits else ""
+        raise ConfigError(f"Invalid `{'`, `'.join(culprits)}`{hint}: {reason}") from cause
+
+
+def check_method_takes_trainer(cfg: DictConfig, model: SAMClassifier, trainer: pl.Trainer, trainer_cfg: dict) -> None:
+    """What the SAM module refuses of the Trainer at fit (``sam=gsam`` with accumulation), refused now."""
+    try:
+        model._sam_check_trainer(trainer)
+    except (ValueError, TypeError) as err:
+        message = re.sub(
+            r"`(\w+)(=[^`]*)?`",
+            lambda m: f"`trainer.{m.group(1)}{m.group(2) or ''}`" if m.group(1) in trainer_cfg else m.group(0),
+            str(err),
+        )
+        raise ConfigError(f"`sam={choices(cfg).get('sam', '?')}` cannot train with this Trainer: {message}") from err
+
+
+def check_validation_interval(cfg: DictConfig, datamodule: Any) -> None:
+    """A ``trainer.val_check_interval`` in batches fits in an epoch (Lightning would refuse it at fit)."""
+    interval = cfg.trainer.get("val_check_interval")
+    if not is_int(interval, 1):
+        return
+    datamodule.setup("fit")
+    limit = cfg.trainer.get("limit_train_batches", 1.0)
+    batches = len(datamodule.train_dataloader())
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval > batches:
+        raise ConfigError(
+            f"Expected `trainer.val_check_interval` to be at most the {batches} training batches of an epoch, got "
+            f"{interval} (a float in (0, 1] is a fraction of the epoch)."
+        )
+
+
+def check_monitors(cfg: DictConfig, logged: set[str]) -> None:
+    """Every monitored metric is one the module logs (else it would fail after an epoch of training)."""
+    for name, node in cfg.callbacks.items():
+        monitor = node.get("monitor") if enabled(node) else None
+        if monitor is not None and monitor not in logged:
+            raise ConfigError(
+                f"Expected `callbacks.{name}.monitor` to be one of {sorted(logged)} (what the model logs), "
+                f"got {monitor!r}."
+            )
+
+
+def check_model_takes_data(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) -> None:
+    """Run the model on two blank samples of the data's shape, so a mismatch fails before training."""
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is None:
+        return
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        chosen = choices(cfg)
+        raise ConfigError(
+            f"model={chosen.get('model', '?')} does not take the inputs of data={chosen.get('data', '?')} "
+            f"(samples of shape {tuple(shape)}): {err}"
+        ) from err
+    finally:
+        net.train(training)

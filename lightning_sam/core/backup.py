@@ -1,0 +1,207 @@
+"""What a SAM step saves to undo: weights, buffers, torchmetrics states, accumulated gradients.
+
+Pure torch (and torchmetrics for metric states). Restoring always copies saved tensors back:
+``(w + e) - e`` is not ``w`` in floating point, and rebinding ``.data`` breaks FSDP views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import is_not
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sam._compat import metric_counters, set_metric_counters
+from lightning_sam.core.groups import ParamGroup
+from lightning_sam.core.tensors import add_scaled_, copy_into, local
+
+__all__ = ["BufferBackup", "GradientStash", "MetricStates", "WeightBackup", "same_tensors"]
+
+
+class WeightBackup:
+    """Moves weights to ``w + e`` and back, restoring them bit for bit.
+
+    The saved copy is the one parameter-sized buffer SAM needs beyond plain training; it is
+    allocated on first use and reused while the set of perturbed tensors stays the same. It holds
+    ``w`` until :meth:`discard`, so :meth:`restore_` can also undo an optimizer step that failed
+    half-way.
+    """
+
+    def __init__(self) -> None:
+        self._params: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._holds_copy = False
+        self._perturbed = False
+
+    def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
+        """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
+
+        Groups with ``rho == 0`` stay where they are (their gradients only count in ``||g||``).
+
+        On CPU the scale is read to the host, which is free there and saves a pass over the
+        gradients; elsewhere the direction is scaled in place, without a host sync.
+        """
+        pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
+        params = local([p for g, _ in pairs for p in g.params])
+        if not same_tensors(params, self._params):
+            self._params = params
+            self._saved = [torch.empty_like(p) for p in params]
+        if not params:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self._saved, params)
+            self._holds_copy = self._perturbed = True
+            for group, scale in pairs:
+                add_scaled_(group.params, group.grads, scale)  # w <- w + e
+
+    def restore_(self) -> None:
+        """``w <- saved w``; does nothing when no copy is held."""
+        if self._holds_copy and self._params:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, self._saved)
+        self._perturbed = False
+
+    def unperturbed(self) -> dict[int, Tensor]:
+        """While the weights are at ``w + e``: ``{id(parameter): its saved w}``; else empty."""
+        return {id(p): s for p, s in zip(self._params, self._saved)} if self._perturbed else {}
+
+    def discard(self) -> None:
+        """Forget the copy (the step is over); the buffer is kept for the next step."""
+        self._holds_copy = self._perturbed = False
+
+
+class BufferBackup:
+    """A copy of a module's buffers (BatchNorm statistics), to undo a skipped or failed update.
+
+    Example::
+
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> backup = BufferBackup()
+        >>> backup.save_(list(bn.buffers()))
+        >>> _ = bn(torch.randn(4, 2))                  # the running statistics move
+        >>> backup.restore_()
+        >>> bn.running_mean, int(bn.num_batches_tracked)
+        (tensor([0., 0.]), 0)
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._valid = False
+
+    def save_(self, buffers: list[Tensor]) -> None:
+        """Copy ``buffers`` (the storage is reused while they stay the same tensors)."""
+        if not same_tensors(buffers, self._buffers):
+            self._buffers = buffers
+            self._saved = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._saved, buffers)
+        self._valid = True
+
+    def restore_(self) -> None:
+        """Copy the saved values back (nothing when none are held)."""
+        if self._valid and self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
+
+    def discard(self) -> None:
+        """Forget the copy; the storage is kept for the next update."""
+        self._valid = False
+
+
+class MetricStates:
+    """The states of torchmetrics ``Metric`` objects, so that a second forward pass counts nothing.
+
+    Metrics in a ``MetricCollection``'s compute group share their state tensors; shared tensors are
+    copied once and put back shared.
+    """
+
+    def __init__(self, metrics: Sequence[Any]) -> None:
+        copies: dict[int, Any] = {}
+
+        def copy(value: Any) -> Any:
+            if id(value) not in copies:
+                copies[id(value)] = value.clone() if isinstance(value, Tensor) else list(value)
+            return copies[id(value)]
+
+        self._saved = [(m, {k: copy(v) for k, v in m.metric_state.items()}, metric_counters(m)) for m in metrics]
+
+    def restore(self) -> None:
+        """Put every metric back as it was when this object was made."""
+        for metric, state, counters in self._saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+            set_metric_counters(metric, counters)
+
+
+class GradientStash:
+    """The gradients summed over the earlier micro-batches of an update, set aside per parameter.
+
+    The clean pass of each micro-batch needs its own gradient (for its own ``e``); the descent
+    gradients add up. :meth:`take_` moves the sums out of ``.grad`` before the clean backward,
+    :meth:`give_back_` puts them back before the perturbed backward, which adds to them. A
+    parameter without a sum gets no gradient (``None``), so one the perturbed pass does not reach
+    stays without one, as torch's optimizers expect.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> w.grad = torch.full((2,), 3.0)
+        >>> stash = GradientStash()
+        >>> stash.take_([w]); w.grad is None
+        True
+        >>> (2 * w).sum().backward()                   # a clean gradient of its own
+        >>> stash.give_back_([w]); w.grad
+        tensor([3., 3.])
+    """
+
+    def __init__(self) -> None:
+        self._params: list[Tensor] = []
+        self._sums: list[Tensor] = []
+
+    def take_(self, params: Sequence[Tensor]) -> None:
+        """Keep the gradients of ``params`` aside (copies: DDP's may be views of its buckets) and clear them."""
+        having = [p for p in params if p.grad is not None]
+        if not having:
+            self._params = []
+            return
+        reuse = self._sums if same_tensors(having, self._params) else None
+        self._sums = copy_into(reuse, [p.grad for p in having])
+        self._params = having
+        for p in having:
+            p.grad = None
+
+    def give_back_(self, params: Sequence[Tensor]) -> None:
+        """``p.grad <- sum`` for parameters with one, ``None`` for the others."""
+        sums = {id(p): s for p, s in zip(self._params, self._sums)}
+        with torch.no_grad():
+            for p in params:
+                s = sums.get(id(p))
+                if s is None:
+                    p.grad = None
+                elif p.grad is not None and p.grad.shape == s.shape:
+                    local([p.grad])[0].copy_(local([s])[0])
+                else:
+                    p.grad = s.clone()
+
+    def add_back_(self, params: Sequence[Tensor]) -> None:
+        """``p.grad <- p.grad + sum``: the micro-batch's own gradient joins the earlier ones (a plain step)."""
+        current = {id(p): p for p in params}
+        with torch.no_grad():
+            for p, s in zip(self._params, self._sums):
+                if id(p) not in current:
+                    continue
+                if p.grad is None:
+                    p.grad = s.clone()
+                else:
+                    local([p.grad])[0].add_(local([s])[0])
+
+    def discard(self) -> None:
+        """Forget the sums (the update is over); the storage is kept for the next one."""
+        self._params = []
+
+
+def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """The same tensor objects in the same order (``map`` keeps the loop in C: this runs several times a step)."""
+    return len(a) == len(b) and not any(map(is_not, a, b))

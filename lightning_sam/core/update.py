@@ -1,0 +1,423 @@
+"""One SAM update of one optimizer: clean pass, ``e(w)``, perturbed pass, ``w`` restored, safety checks.
+
+Pure torch (no Lightning import). The caller runs the passes its own way (the mixin through
+Lightning's closure and strategy, :func:`lightning_sam.sam_step` through ``manual_backward``) and
+hands them in as callables; this module owns what must be the same everywhere: which parameters
+are perturbed and by how much, what is frozen during the perturbed pass, and what a skipped or
+failed update puts back.
+
+An update spans the micro-batches of one optimizer step:
+
+1. :meth:`SAMUpdate.open_` (first micro-batch): read the optimizer's parameters, save the buffers,
+   decide SAM or plain step;
+2. per micro-batch of a SAM step, :meth:`SAMUpdate.passes_`: :meth:`SAMUpdate.ascend_` (clean
+   backward at ``w``, then ``w <- w + e``) and :meth:`SAMUpdate.descend_` (perturbed pass, then
+   ``w`` restored);
+3. :meth:`SAMUpdate.close_` before the optimizer step: the plain step's descent, the finite check,
+   the skip; :meth:`SAMUpdate.end_` after it, or :meth:`SAMUpdate.abort_` on an exception.
+
+:meth:`SAMUpdate.step_` holds 1-3 in one ``with`` block (as :func:`lightning_sam.sam_step` uses it);
+the mixin, whose update spans several of Lightning's hooks, guards each with :meth:`SAMUpdate.guarded`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_sam.core.backup import BufferBackup, GradientStash, MetricStates, WeightBackup, same_tensors
+from lightning_sam.core.groups import ParamGroup, check_param_groups
+from lightning_sam.core.layout import ModuleLayout
+from lightning_sam.core.tensors import any_non_finite, global_norm, local
+
+if TYPE_CHECKING:
+    from lightning_sam.methods.base import Method
+
+__all__ = ["SKIPPED_STEPS_KEY", "SAMStepStats", "SAMUpdate"]
+
+SKIPPED_STEPS_KEY = "sam/skipped_steps"
+
+
+class SAMStepStats(NamedTuple):
+    """What the last SAM step measured, as 0-dim tensors on the model's device (no host sync).
+
+    With gradient accumulation these are the last micro-batch's figures.
+    """
+
+    loss: Tensor
+    """L(w), the clean loss."""
+    perturbed_loss: Tensor
+    """L(w + e), the loss at the perturbed weights."""
+    grad_norm: Tensor
+    """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||)."""
+    eps_norm: Tensor
+    """||e||, the length of the ascent step (at most rho)."""
+    rho: float
+    """The method's rho at this step."""
+
+    @property
+    def sharpness(self) -> Tensor:
+        """L(w + e) - L(w)."""
+        return self.perturbed_loss - self.loss
+
+    def as_dict(self) -> dict[str, Tensor | float]:
+        """The figures under their logged names."""
+        return {
+            "sam/sharpness": self.sharpness,
+            "sam/perturbed_loss": self.perturbed_loss,
+            "sam/eps_norm": self.eps_norm,
+            "sam/grad_norm": self.grad_norm,
+            "sam/rho": self.rho,
+        }
+
+
+class SAMUpdate:
+    """Runs the SAM updates of one optimizer and keeps what is needed to undo one.
+
+    Args:
+        method: the perturbation rule.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_sam import SAM
+        >>> net = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> loss_fn = lambda: torch.nn.functional.mse_loss(net(x), y)
+        >>> def perturbed():
+        ...     loss = loss_fn()
+        ...     loss.backward()
+        ...     return loss
+        >>> update = SAMUpdate(SAM(rho=0.05))
+        >>> update.bind_(net, opt)
+        >>> with update.step_(0, opt):                 # an exception inside puts w and the buffers back
+        ...     loss = loss_fn()
+        ...     perturbed_loss = update.passes_(opt, loss, loss.backward, perturbed)  # w + e, g there, w back
+        ...     skipped = update.close_(opt)           # the finite check: False, nothing to skip
+        ...     opt.step()
+        >>> skipped
+        False
+        >>> round(update.last.eps_norm.item(), 4)
+        0.05
+    """
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.last: SAMStepStats | None = None
+        self.skipped_steps = 0
+        self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
+        self._layout: ModuleLayout | None = None
+        self._params: list[Tensor] = []  # the optimizer's, in param-group order
+        self._end_state()
+
+    def _end_state(self) -> None:
+        self._open = False
+        self._sam = False
+        self._ascended = False
+        self._step = 0
+        self._losses: list[Tensor] = []  # checked with the descent gradient in close_
+        self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
+
+    # ------------------------------------------------------------------ per fit
+    def bind_(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int | None = None,
+        unfrozen_later: bool = False,
+    ) -> None:
+        """Look ``module`` and ``optimizer`` over (once per fit, after a checkpoint was loaded).
+
+        ``total_steps``: the run's optimizer steps, if known (for methods that plan by it). The
+        optimizer's parameters are read again at every update (:meth:`open_`), since param groups may
+        be added or removed, and the optimizer replaced, during fit. ``unfrozen_later``: a callback
+        unfreezes parameters during fit, so ``only=`` may select only frozen ones now.
+        """
+        self._layout = ModuleLayout.of(module, self.method, unfrozen_later=unfrozen_later)
+        self._params = []
+        self._follow_(optimizer)
+        self.method.plan_(total_steps)
+        self._end_state()
+
+    def unbind_(self) -> None:
+        """Forget the binding (a new fit starts: bind again before its first update)."""
+        self._layout = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind_` ran."""
+        return self._layout is not None
+
+    def _follow_(self, optimizer: torch.optim.Optimizer) -> None:
+        """The parameters ``optimizer`` holds now, in param-group order (the method rebinds when they change)."""
+        check_param_groups(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not same_tensors(params, self._params):
+            for p in params:
+                if p.is_complex():
+                    raise TypeError(f"SAM does not support complex parameters: the optimizer holds a {p.dtype} one.")
+            self._params = params
+            self.method.bind_(params)
+
+    # ------------------------------------------------------------------ per update
+    @property
+    def is_open(self) -> bool:
+        """Whether an update is under way."""
+        return self._open
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the open update is a SAM step (else a plain one)."""
+        return self._sam
+
+    def open_(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Start an update of ``optimizer`` at optimizer step ``step`` unless one is under way.
+
+        What ``optimizer`` holds at this moment is what the update perturbs, sets aside, checks and restores.
+        """
+        assert self._layout is not None, "bind_ first"
+        self._follow_(optimizer)  # also on later micro-batches: a group may be added between two of them
+        if self._open:
+            return
+        self._buffers.save_(self._layout.buffers)
+        self._sam = self.takes_sam_step(step, optimizer)
+        self._step = step
+        self._open = True
+
+    def takes_sam_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the update at optimizer step ``step`` is a two-pass step (else a plain one).
+
+        The method decides; with ``only=``, a step where none of the selected parameters the optimizer
+        holds is trainable (a backbone frozen until a finetuning callback unfreezes it) is a plain step.
+        """
+        if not self.method.takes_sam_step(step):
+            return False
+        assert self._layout is not None, "bind_ first"
+        selected = self._layout.selected
+        if selected is None:
+            return True
+        self._follow_(optimizer)
+        return any(p.requires_grad and id(p) in selected for p in self._params)
+
+    def note_loss(self, loss: Tensor) -> None:
+        """Count a plain micro-batch's loss in the finite check."""
+        self._losses.append(loss.detach())
+
+    @torch.no_grad()
+    def ascend_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Tensor,
+        backward: Callable[[], Any],
+        lr: float | None = None,
+        any_rank: Callable[[bool], bool] = bool,
+        loss_scale: Tensor | None = None,
+    ) -> bool:
+        """The clean backward at ``w`` (``backward()``; ``loss`` is ``L(w)``), then ``w <- w + e(w)``.
+
+        The gradients of earlier micro-batches are set aside first, so ``e`` comes from this
+        micro-batch's own gradient. An ``adaptive`` method may decide here, from ``||g||``, that this
+        is a plain step (every replica asked through ``any_rank``): then nothing is perturbed, the
+        clean gradient is the descent gradient (the earlier sums added back) and this returns False.
+        ``loss_scale``: the AMP scale of the clean backward (``||g||`` is seen and reported unscaled).
+        """
+        self._stash.take_(self._params)
+        with torch.enable_grad():
+            backward()
+        self._losses.append(loss.detach())
+        params = [p for p in self._params if p.grad is not None]
+        grads = [p.grad for p in params]
+        unscale = (lambda norm: norm / loss_scale) if loss_scale is not None else (lambda norm: norm)
+        if self.method.adaptive:
+            wants = self.method.wants_sam_(unscale(global_norm(grads)))
+            if not any_rank(wants):
+                self._stash.add_back_(self._params)
+                return False
+        self.method.clean_gradient_(params, grads)
+        rho = self.method.rho_at(self._step, lr)
+        groups = self._groups(optimizer, rho, params, grads)
+        ascent = self.method.ascent_(groups)
+        self._weights.perturb_(groups, ascent.scales)  # w <- w + e
+        self._ascended = True
+        self._pending = (loss.detach(), unscale(ascent.grad_norm), ascent.eps_norm, rho)
+        return True
+
+    def descend_(self, run: Callable[[], Tensor]) -> Tensor:
+        """The perturbed pass at ``w + e``, then ``w`` restored bit for bit; returns ``L(w + e)``.
+
+        Args:
+            run: does the perturbed forward and backward and returns ``L(w + e)``. It runs with
+                BatchNorm running statistics frozen and torchmetrics states put back afterwards;
+                its gradients add to those of the earlier micro-batches.
+        """
+        assert self._pending is not None, "ascend_ first"
+        self._stash.give_back_(self._params)
+        try:
+            with self._frozen(), torch.enable_grad():
+                perturbed_loss = run()
+        finally:
+            self._weights.restore_()  # w <- saved w
+        self.method.descent_(self._params)
+        loss, grad_norm, eps_norm, rho = self._pending
+        self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
+        self._losses.append(perturbed_loss.detach())
+        return perturbed_loss
+
+    @torch.no_grad()
+    def close_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        any_rank: Callable[[bool], bool] = bool,
+        scaler: bool = False,
+    ) -> bool:
+        """End the update before the optimizer step; return whether it was skipped.
+
+        Runs a plain step's descent, then the step's one host sync: whether a loss or the descent
+        gradient is not finite (``any_rank`` makes every replica agree). A skipped update puts the
+        buffers back and leaves the gradients such that the optimizer step changes nothing: none
+        (torch's optimizers skip parameters without one), or, under a GradScaler (``scaler``),
+        a NaN, so that it skips the step and lowers its scale.
+        """
+        params = [p for p in self._params if p.grad is not None]
+        if self._open and not self._sam:
+            self.method.plain_descent_(params)
+        grads = [p.grad for p in params]
+        # the losses as one new tensor (the check must not write to the caller's), promoted to a common dtype
+        checked = [*grads, torch.cat([loss.reshape(-1) for loss in self._losses])] if self._losses else grads
+        skip = any_rank(bool(any_non_finite(checked)))
+        if skip:
+            self._skip(optimizer, grads, scaler)
+        return skip
+
+    def passes_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: Tensor,
+        clean_backward: Callable[[], Any],
+        perturbed_pass: Callable[[], Tensor],
+        *,
+        lr: float | None = None,
+        any_rank: Callable[[bool], bool] = bool,
+        loss_scale: Tensor | None = None,
+        on_plain_step: Callable[[], None] | None = None,
+    ) -> Tensor | None:
+        """The two passes of one micro-batch: :meth:`ascend_` then :meth:`descend_`; returns ``L(w + e)``.
+
+        When an ``adaptive`` method chooses a plain step after the clean backward, nothing is
+        perturbed, ``on_plain_step()`` runs (the caller averages a clean gradient it kept local) and
+        this returns ``None``.
+        """
+        if self.ascend_(optimizer, loss, clean_backward, lr=lr, any_rank=any_rank, loss_scale=loss_scale):
+            return self.descend_(perturbed_pass)
+        if on_plain_step is not None:
+            on_plain_step()
+        return None
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Inside: an exception puts weights and buffers back to where the update started (:meth:`abort_`)."""
+        try:
+            yield
+        except BaseException:
+            self.abort_()
+            raise
+
+    @contextmanager
+    def step_(self, step: int, optimizer: torch.optim.Optimizer) -> Iterator[SAMUpdate]:
+        """One whole update in one block: :meth:`open_`; then inside, the passes, :meth:`close_` and the optimizer step.
+
+        :meth:`end_` follows the block, or :meth:`abort_` an exception inside it (which then propagates).
+        """
+        with self.guarded():
+            self.open_(step, optimizer)
+            yield self
+        self.end_()
+
+    def unperturbed(self) -> dict[int, Tensor]:
+        """While the weights are at ``w + e`` (a checkpoint written from a signal handler): the saved ``w`` by id."""
+        return self._weights.unperturbed()
+
+    def end_(self) -> None:
+        """The optimizer step is done: forget the backups (their storage is kept)."""
+        self._weights.discard()
+        self._buffers.discard()
+        self._stash.discard()
+        self._end_state()
+
+    def abort_(self) -> None:
+        """An exception: put weights and buffers back to where the update started, then forget it.
+
+        The saved ``w`` is held until :meth:`end_`, so this also undoes an optimizer step that raised
+        half-way, for the perturbed parameters.
+        """
+        self._weights.restore_()
+        if self._open:
+            self._buffers.restore_()
+        if self._ascended:
+            self.method.skip_()
+        self.end_()
+
+    # ------------------------------------------------------------------ internals
+    def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
+        self._buffers.restore_()
+        if self._ascended:
+            self.method.skip_()
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            warnings.warn(
+                f"SAM skipped the update at global step {self._step}: a loss or gradient was not finite. Weights, "
+                "buffers and optimizer state are unchanged; later skips are counted in "
+                f"`{SKIPPED_STEPS_KEY}` without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if scaler and grads:
+            local(grads[:1])[0].fill_(float("nan"))
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _groups(
+        self, optimizer: torch.optim.Optimizer, rho: float, params: list[Tensor], grads: list[Tensor]
+    ) -> list[ParamGroup]:
+        """The groups to perturb: their rho (scheduled), and their selected parameters with gradients.
+
+        ``params``: the optimizer's parameters with a gradient, in order; ``grads``: those gradients.
+        """
+        assert self._layout is not None
+        selected = self._layout.selected
+        scale = rho / self.method.rho if self.method.rho else 1.0  # a schedule scales every group's rho alike
+        if len(optimizer.param_groups) == 1 and selected is None:  # the common case: nothing to filter
+            group_rho = optimizer.param_groups[0].get("rho", self.method.rho) * scale
+            return [ParamGroup(group_rho, params, grads)] if params else []
+        groups = []
+        for group in optimizer.param_groups:
+            # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||
+            group_rho = group.get("rho", self.method.rho) * scale
+            params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
+            if params:
+                groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
+        return groups
+
+    @contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """Running statistics frozen, torchmetrics states put back afterwards."""
+        assert self._layout is not None
+        norms, stats = self._layout.norms, self._layout.other_stats
+        metrics = MetricStates(self._layout.metrics)
+        saved_stats = torch._foreach_clone(stats) if stats else []
+        for m in norms:
+            m.track_running_stats = False  # batch statistics; running ones untouched
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+            if stats:  # InstanceNorm and the like update them whatever track_running_stats says
+                torch._foreach_copy_(stats, saved_stats)
+            metrics.restore()
