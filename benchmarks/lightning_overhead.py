@@ -12,7 +12,9 @@ to the next one's, data loading and every hook included, minus the plain step ru
 The SAM comparison runs ``--rounds`` times (a fresh Trainer each); every round's ratio is printed
 and their median is the figure. Further runs interleave plain (non-SAM) Lightning training with the
 same plain SAM loop, which gives the SAM / no-SAM ratio against the same reference, and with a plain
-SGD loop, which gives what Lightning's own loop costs on a plain step. The last runs the recipe users
+SGD loop, which gives what Lightning's own loop costs on a plain step; then the single-pass methods
+(Momentum-SAM, RWP) against the same plain SGD loop, whose ratio over plain Lightning's is their
+cost per step over an ordinary step (target: at most 1.05x). The last runs the recipe users
 write today without this library: a manual-optimization LightningModule stepping
 ``pytorch_optimizer.SAM`` (pip ``pytorch-optimizer``, a dev extra) through ``LightningOptimizer.step(closure)``.
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sam import SAM, SAMLightningModule
+from lightning_sam import RWP, SAM, MomentumSAM, SAMLightningModule
 
 WARMUP = 3
 CLOCK = time.perf_counter
@@ -221,6 +223,11 @@ def main() -> None:
     sam_ms, ref_ms, sam_ratio = sorted(rounds, key=lambda r: r[2])[len(rounds) // 2]  # the median round
     plain_ms, _, plain_ratio = interleaved_ratio(Plain(copy.deepcopy(net)), net, loader)
     _, sgd_ms, lightning_ratio = interleaved_ratio(Plain(copy.deepcopy(net)), net, loader, reference=plain_sgd_loop)
+    # the single-pass methods against the same plain SGD loop: their step over Lightning's plain step
+    single = {
+        name: interleaved_ratio(WithSAM(copy.deepcopy(net), sam=method), net, loader, reference=plain_sgd_loop)
+        for name, method in (("MomentumSAM", MomentumSAM(rho=3.0)), ("RWP", RWP(sigma=0.01)))
+    }
     try:
         outside = interleaved_ratio(ManualPytorchOptimizerSAM(copy.deepcopy(net)), net, loader)
     except ImportError:
@@ -234,12 +241,16 @@ def main() -> None:
     print(f"  plain-PyTorch foreach SAM loop   {1e3 * ref_ms:8.2f} ms/step (median, interleaved)")
     print(f"  Lightning, no SAM                {1e3 * plain_ms:8.2f} ms/step (median)")
     print(f"  plain-PyTorch SGD loop, no SAM   {1e3 * sgd_ms:8.2f} ms/step (median, interleaved)")
+    for name, (ms, _, _) in single.items():
+        print(f"  Lightning + {name:<20} {1e3 * ms:8.2f} ms/step (median)")
     if outside is not None:
         print(f"  Lightning manual + pytorch_optimizer.SAM {1e3 * outside[0]:8.2f} ms/step (median)")
     each = ", ".join(f"{r[2]:.3f}x" for r in rounds)
     print(f"\n  Lightning SAM / plain SAM loop     {sam_ratio:6.3f}x   (target <= 1.03x; median of rounds: {each})")
     print(f"  Lightning SAM / Lightning no SAM   {sam_ratio / plain_ratio:6.3f}x   (two passes: ~2x)")
     print(f"  Lightning no SAM / plain SGD loop  {lightning_ratio:6.3f}x   (Lightning's own loop, no SAM)")
+    for name, (_, _, ratio) in single.items():  # both over the same plain SGD loop
+        print(f"  {name} / Lightning no SAM {ratio / lightning_ratio:6.3f}x   (one pass: target <= 1.05x)")
     if outside is not None:
         print(f"  manual + pytorch_optimizer.SAM / ours {outside[2] / sam_ratio:6.3f}x   (each / the same plain loop)")
     else:

@@ -103,6 +103,14 @@ def sam_step(
             loss = closure()
             update.note_loss(loss)
             module.manual_backward(loss)
+        elif method.single_pass:  # Momentum-SAM, RWP: one pass, at w + e
+
+            def forward_backward() -> Tensor:
+                loss = closure()
+                module.manual_backward(loss)
+                return loss
+
+            loss = update.single_pass_(raw, forward_backward, lr=group["lr"])
         else:
 
             def local() -> Any:  # the clean pass stays on this replica (each its own e) unless it is averaged

@@ -303,13 +303,19 @@ class SAMLightningModule(pl.LightningModule):
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
         if self._sam_pass.perturbing:
             return user_step(self, *args, **kwargs)
-        with update.guarded():  # nothing is lost: buffers go back to where this update started
+        optimizer = trainer.optimizers[0]
+        with update.guarded():  # nothing is lost: weights and buffers go back to where this update started
             # the first micro-batch of an update reads the optimizer's parameters and saves the buffers
-            update.open_(trainer.global_step, trainer.optimizers[0])
+            update.open_(trainer.global_step, optimizer)
+            single_pass = update.is_sam_step and self.sam.single_pass
+            if single_pass:  # Momentum-SAM, RWP: w <- w + e before the forward, the only pass
+                update.perturb_(optimizer, lr=optimizer.param_groups[0]["lr"])
             output = user_step(self, *args, **kwargs)
         self._sam_pass.batch = (args, kwargs)
         clean_loss = _loss_or_none(output)
         self._sam_pass.clean_loss = clean_loss.detach() if clean_loss is not None else None  # no graph kept
+        if single_pass and clean_loss is None:  # a skipped batch: no backward will put w back
+            update.restore_()
         return output
 
     def _sam_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -320,7 +326,10 @@ class SAMLightningModule(pl.LightningModule):
         if self._sam_pass.perturbing or not update.is_open:
             return user_backward(loss)
         with update.guarded():
-            if update.is_sam_step:
+            if update.is_sam_step and self.sam.single_pass:  # the gradient at w + e; then w back
+                user_backward(loss)
+                update.unperturb_(self._sam_pass.clean_loss if self._sam_pass.clean_loss is not None else loss)
+            elif update.is_sam_step:
                 self._sam_passes(loss, user_backward)
             else:
                 update.note_loss(loss)
@@ -336,8 +345,13 @@ class SAMLightningModule(pl.LightningModule):
         if not update.bound:  # a finder's first trial step: Lightning calls this hook before training_step
             self._sam_bind(trainer)
         context = StepContext.of(trainer, self.sam, self.sync_perturbation)
-        # the clean pass stays local to this replica (each its own e) unless it is averaged
-        local_clean = update.takes_sam_step(trainer.global_step, trainer.optimizers[0]) and not context.syncs_clean
+        # the clean pass stays local to this replica (each its own e) unless it is averaged; a single-pass
+        # method's only pass is the descent's
+        local_clean = (
+            not self.sam.single_pass
+            and update.takes_sam_step(trainer.global_step, trainer.optimizers[0])
+            and not context.syncs_clean
+        )
 
         def sam_closure() -> Any:
             self._sam_pass.last_micro_batch = True

@@ -76,6 +76,9 @@ def test_lightning_overhead_prints_its_ratios():
     ratio(out, "Lightning SAM / Lightning no SAM")
     ratio(out, "Lightning no SAM / plain SGD loop")
     ratio(out, "manual + pytorch_optimizer.SAM / ours")  # the recipe users write without us
+    for name in ("MomentumSAM", "RWP"):  # the single-pass methods' cost over an ordinary step
+        figure(out, f"Lightning + {name}", "ms/step")
+        ratio(out, f"{name} / Lightning no SAM")
 
 
 def test_quality_report_tunes_on_validation_and_reports_its_targets(tmp_path):

@@ -228,7 +228,7 @@ def test_two_optimizers_raise():
         (
             {"sam": 0.05},
             TypeError,
-            r"`sam` to be a method object \(one of SAM, ASAM, GSAM, LookSAM, LatePhaseSAM, AESAM, FriendlySAM, or a ",
+            r"`sam` to be a method object \(one of SAM, ASAM, GSAM, .*, RWP, or a lightning_sam.Method of your own\)",
         ),
         ({"sam": {"class_path": "torch.nn.Linear"}}, ValueError, r"`class_path` to name a Method class"),
         ({"sync_perturbation": 1}, TypeError, r"`sync_perturbation` to be True or False, got 1"),

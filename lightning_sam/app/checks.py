@@ -230,6 +230,14 @@ def check_optimization(cfg: DictConfig, model: Classifier, trainer_cfg: dict) ->
             _run_schedule(configured["optimizer"], configured["lr_scheduler"]["scheduler"], epochs)
     except Exception as err:
         raise ConfigError(_blame(cfg, ("optimizer", "scheduler"), from_config, err)) from err
+    if isinstance(model, SAMClassifier):  # Momentum-SAM needs an optimizer with a momentum
+        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        try:
+            model.sam.check_optimizer(optimizer)
+        except ValueError as err:
+            message = _name_keys(str(err), cfg.optimizer, "optimizer")
+            method = choices(cfg).get("sam", "?")
+            raise ConfigError(f"`sam={method}` cannot train with this optimizer: {message}") from err
 
 
 class _BadLearningRate(ValueError):

@@ -35,13 +35,14 @@ class WeightBackup:
         self._holds_copy = False
         self._perturbed = False
 
-    def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor]) -> None:
+    def perturb_(self, groups: Sequence[ParamGroup], scales: Sequence[Tensor], keep_directions: bool = False) -> None:
         """Save ``w``, then ``w <- w + scale * direction`` per group (see :meth:`SAM.ascent_`).
 
         Groups with ``rho == 0`` stay where they are (their gradients only count in ``||g||``).
 
         On CPU the scale is read to the host, which is free there and saves a pass over the
-        gradients; elsewhere the direction is scaled in place, without a host sync.
+        gradients; elsewhere the direction is scaled in place, without a host sync, unless
+        ``keep_directions`` (the direction is state the step must not change: Momentum-SAM's momentum).
         """
         pairs = [(g, s) for g, s in zip([g for g in groups if g.grads], scales) if g.rho > 0]  # rho 0: w stays
         params = local([p for g, _ in pairs for p in g.params])
@@ -54,7 +55,7 @@ class WeightBackup:
             torch._foreach_copy_(self._saved, params)
             self._holds_copy = self._perturbed = True
             for group, scale in pairs:
-                add_scaled_(group.params, group.grads, scale)  # w <- w + e
+                add_scaled_(group.params, group.grads, scale, keep_sources=keep_directions)  # w <- w + e
 
     def restore_(self) -> None:
         """``w <- saved w``; does nothing when no copy is held."""

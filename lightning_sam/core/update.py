@@ -49,31 +49,32 @@ class SAMStepStats(NamedTuple):
     With gradient accumulation these are the last micro-batch's figures.
     """
 
-    loss: Tensor
-    """L(w), the clean loss."""
+    loss: Tensor | None
+    """L(w), the clean loss (``None`` for single-pass methods: they never evaluate the loss at ``w``)."""
     perturbed_loss: Tensor
     """L(w + e), the loss at the perturbed weights."""
-    grad_norm: Tensor
-    """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||)."""
+    grad_norm: Tensor | None
+    """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||; Momentum-SAM: ||v||; RWP: None)."""
     eps_norm: Tensor
     """||e||, the length of the ascent step (at most rho)."""
     rho: float
-    """The method's rho at this step."""
+    """The method's radius at this step."""
 
     @property
-    def sharpness(self) -> Tensor:
-        """L(w + e) - L(w)."""
-        return self.perturbed_loss - self.loss
+    def sharpness(self) -> Tensor | None:
+        """L(w + e) - L(w) (``None`` without the clean loss)."""
+        return None if self.loss is None else self.perturbed_loss - self.loss
 
     def as_dict(self) -> dict[str, Tensor | float]:
-        """The figures under their logged names."""
-        return {
+        """The figures under their logged names (those a single-pass step has no value for are left out)."""
+        figures = {
             "sam/sharpness": self.sharpness,
             "sam/perturbed_loss": self.perturbed_loss,
             "sam/eps_norm": self.eps_norm,
             "sam/grad_norm": self.grad_norm,
             "sam/rho": self.rho,
         }
+        return {k: v for k, v in figures.items() if v is not None}
 
 
 class SAMUpdate:
@@ -114,6 +115,7 @@ class SAMUpdate:
         self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
         self._layout: ModuleLayout | None = None
         self._params: list[Tensor] = []  # the optimizer's, in param-group order
+        self._optimizer: torch.optim.Optimizer | None = None
         self._end_state()
 
     def _end_state(self) -> None:
@@ -140,7 +142,7 @@ class SAMUpdate:
         unfreezes parameters during fit, so ``only=`` may select only frozen ones now.
         """
         self._layout = ModuleLayout.of(module, self.method, unfrozen_later=unfrozen_later)
-        self._params = []
+        self._params, self._optimizer = [], None
         self._follow_(optimizer)
         self.method.plan_(total_steps)
         self._end_state()
@@ -158,11 +160,12 @@ class SAMUpdate:
         """The parameters ``optimizer`` holds now, in param-group order (the method rebinds when they change)."""
         check_param_groups(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not same_tensors(params, self._params):
+        if optimizer is not self._optimizer or not same_tensors(params, self._params):
             for p in params:
                 if p.is_complex():
                     raise TypeError(f"SAM does not support complex parameters: the optimizer holds a {p.dtype} one.")
-            self._params = params
+            self.method.check_optimizer(optimizer)
+            self._params, self._optimizer = params, optimizer
             self.method.bind_(params)
 
     # ------------------------------------------------------------------ per update
@@ -269,6 +272,59 @@ class SAMUpdate:
         self._losses.append(perturbed_loss.detach())
         return perturbed_loss
 
+    # ------------------------------------------------------------------ the single-pass route
+    @torch.no_grad()
+    def perturb_(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> bool:
+        """Single-pass methods, before the forward: ``w <- w + e`` from what is known already.
+
+        Momentum-SAM's ``e`` comes from the optimizer's momentum, RWP's is random. The forward and
+        backward that follow see ``w + e``; :meth:`unperturb_` puts ``w`` back after the backward.
+        Returns False when the method perturbs nothing at this step (Momentum-SAM before the
+        optimizer has a momentum): the step is then an ordinary one.
+        """
+        assert self._layout is not None, "bind_ first"
+        rho = self.method.rho_at(self._step, lr)
+        selected = self._layout.selected
+        params = [p for p in self._params if p.requires_grad and (selected is None or id(p) in selected)]
+        groups = self._groups(optimizer, rho, params, [], with_grads=False)
+        found = self.method.perturbation_(groups, optimizer, self._step)
+        if found is None:
+            return False
+        directions, ascent = found
+        self._weights.perturb_(directions, ascent.scales, keep_directions=True)  # w <- w + e
+        self._ascended = True
+        self._pending = (None, ascent.grad_norm, ascent.eps_norm, rho)
+        return True
+
+    def unperturb_(self, loss: Tensor) -> None:
+        """Single-pass methods, after the backward at ``w + e`` (``loss``: ``L(w + e)``): ``w`` restored bit for bit."""
+        self._weights.restore_()
+        self._losses.append(loss.detach())
+        if self._pending is not None:
+            _, grad_norm, eps_norm, rho = self._pending
+            self.last = SAMStepStats(None, loss.detach(), grad_norm, eps_norm, rho)
+
+    def restore_(self) -> None:
+        """Single-pass methods: ``w`` back after a pass that had no backward (a ``training_step`` returning None)."""
+        self._weights.restore_()
+
+    def single_pass_(
+        self, optimizer: torch.optim.Optimizer, run: Callable[[], Tensor], lr: float | None = None
+    ) -> Tensor:
+        """The single pass in one call: :meth:`perturb_`, ``run()`` (forward, backward, loss), :meth:`unperturb_`.
+
+        An exception in ``run`` leaves ``w`` as it was.
+        """
+        self.perturb_(optimizer, lr)
+        try:
+            with torch.enable_grad():
+                loss = run()
+        except BaseException:
+            self._weights.restore_()
+            raise
+        self.unperturb_(loss)
+        return loss
+
     @torch.no_grad()
     def close_(
         self,
@@ -287,6 +343,8 @@ class SAMUpdate:
         params = [p for p in self._params if p.grad is not None]
         if self._open and not self._sam:
             self.method.plain_descent_(params)
+        elif self._ascended and self.method.single_pass:
+            self.method.descent_(params)  # once per update, with the summed descent gradient (RWP's statistics)
         grads = [p.grad for p in params]
         # the losses as one new tensor (the check must not write to the caller's), promoted to a common dtype
         checked = [*grads, torch.cat([loss.reshape(-1) for loss in self._losses])] if self._losses else grads
@@ -383,26 +441,47 @@ class SAMUpdate:
             optimizer.zero_grad(set_to_none=True)
 
     def _groups(
-        self, optimizer: torch.optim.Optimizer, rho: float, params: list[Tensor], grads: list[Tensor]
+        self,
+        optimizer: torch.optim.Optimizer,
+        rho: float,
+        params: list[Tensor],
+        grads: list[Tensor],
+        with_grads: bool = True,
     ) -> list[ParamGroup]:
         """The groups to perturb: their rho (scheduled), and their selected parameters with gradients.
 
         ``params``: the optimizer's parameters with a gradient, in order; ``grads``: those gradients.
+        ``with_grads=False`` (single-pass methods, before the forward): ``params`` are the selected
+        trainable parameters, and each group's ``grads`` is empty.
         """
+        if not with_grads:
+            chosen = {id(p) for p in params}
+            found = []
+            for group in optimizer.param_groups:
+                group_params = [p for p in group["params"] if id(p) in chosen]
+                if group_params:
+                    found.append(ParamGroup(group.get("rho", self.method.radius) * self._scale(rho), group_params, []))
+            return found
         assert self._layout is not None
         selected = self._layout.selected
-        scale = rho / self.method.rho if self.method.rho else 1.0  # a schedule scales every group's rho alike
+        radius = self.method.radius
+        scale = self._scale(rho)
         if len(optimizer.param_groups) == 1 and selected is None:  # the common case: nothing to filter
-            group_rho = optimizer.param_groups[0].get("rho", self.method.rho) * scale
+            group_rho = optimizer.param_groups[0].get("rho", radius) * scale
             return [ParamGroup(group_rho, params, grads)] if params else []
         groups = []
         for group in optimizer.param_groups:
             # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||
-            group_rho = group.get("rho", self.method.rho) * scale
+            group_rho = group.get("rho", radius) * scale
             params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
             if params:
                 groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
         return groups
+
+    def _scale(self, rho: float) -> float:
+        """A schedule scales every group's rho alike: the scheduled radius over the method's own."""
+        radius = self.method.radius
+        return rho / radius if radius else 1.0
 
     @contextmanager
     def _frozen(self) -> Iterator[None]:

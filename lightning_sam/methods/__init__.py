@@ -6,6 +6,7 @@ the descent (:mod:`~lightning_sam.methods.base` documents the hooks):
 * SAM (Foret et al., ICLR 2021): ``e = rho * g / ||g||``.
 * ASAM (Kwon et al., ICML 2021): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` elementwise.
 * GSAM, LookSAM, late-phase SAM, AE-SAM, F-SAM: see their classes.
+* Momentum-SAM and RWP perturb before the forward (``single_pass``): one forward/backward a step.
 
 ``||.||`` is one global norm over every tensor of every group. A group may carry its own ``rho``
 (taken from the optimizer's param group); the norm stays global.
@@ -43,6 +44,8 @@ from lightning_sam.methods.friendly import FriendlySAM
 from lightning_sam.methods.gsam import GSAM
 from lightning_sam.methods.late_phase import LatePhaseSAM
 from lightning_sam.methods.looksam import LookSAM
+from lightning_sam.methods.msam import MomentumSAM
+from lightning_sam.methods.rwp import RWP
 from lightning_sam.methods.sam import SAM
 from lightning_sam.methods.schedule import RhoSchedule
 
@@ -51,12 +54,14 @@ __all__ = [
     "ASAM",
     "GSAM",
     "REGISTRY",
+    "RWP",
     "SAM",
     "Ascent",
     "FriendlySAM",
     "LatePhaseSAM",
     "LookSAM",
     "Method",
+    "MomentumSAM",
     "ParamGroup",
     "RhoSchedule",
     "check_non_negative",
@@ -69,7 +74,7 @@ __all__ = [
 #: error messages list and what the contract test runs over. A new method is a file of its own and a
 #: line here.
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SAM, ASAM, GSAM, LookSAM, LatePhaseSAM, AESAM, FriendlySAM)
+    cls.name: cls for cls in (SAM, ASAM, GSAM, LookSAM, LatePhaseSAM, AESAM, FriendlySAM, MomentumSAM, RWP)
 }
 
 

@@ -39,6 +39,8 @@ __all__ = ["NORM_EPS", "Method"]
 #: Guards the division by ||g||: a zero gradient gives a zero perturbation, not NaN.
 NORM_EPS = 1e-12
 
+_COMMON = ("interval", "rho_schedule", "only")  # the settings every method has, after its radius
+
 _NORM_LAYERS = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -56,9 +58,11 @@ class Method:
     checked in ``__post_init__``; its runtime state is a nested ``State`` class (see the module
     docstring). ``name`` is its key in the registry and the app's config (``sam=<name>``).
 
+    Every method has a radius, its first setting (``rho`` for the SAM family; see :attr:`radius_name`).
+    A param group of the optimizer may override it with its own ``"rho"`` key; a group with 0 is not
+    perturbed.
+
     Args:
-        rho: the radius of the neighbourhood, a finite non-negative float. A param group of the
-            optimizer may override it with its own ``"rho"`` key; a group with rho 0 is not perturbed.
         interval: perturb on every ``interval``-th optimizer step only, with plain steps (one
             forward/backward) between (MosaicML Composer's ``interval``); 1: every step.
         rho_schedule: how rho changes over training (:class:`RhoSchedule`); ``None``: constant.
@@ -67,7 +71,6 @@ class Method:
             in parameter names; ``None``: all. The norm ``||g||`` runs over the perturbed parameters.
     """
 
-    rho: float = 0.05
     _: KW_ONLY
     interval: int = 1
     rho_schedule: RhoSchedule | None = None
@@ -75,6 +78,11 @@ class Method:
 
     #: the method's name in the registry and in the app's configs (``configs/sam/<name>.yaml``)
     name: ClassVar[str] = ""
+    #: the setting that scales the perturbation (``rho``; RWP's ``sigma``): what ``rho_schedule`` and a
+    #: param group's ``"rho"`` key scale
+    radius_name: ClassVar[str] = "rho"
+    #: perturb before the forward (one pass a step: Momentum-SAM, RWP) instead of after a clean backward
+    single_pass: ClassVar[bool] = False
     #: whether the descent uses the clean gradient too (then under DDP it is all-reduced)
     uses_clean_gradient: ClassVar[bool] = False
     #: whether the method decides after the clean backward if a step is a SAM step (:meth:`wants_sam_`)
@@ -89,7 +97,7 @@ class Method:
 
     # ------------------------------------------------------------------ settings
     def __post_init__(self) -> None:
-        self._set("rho", check_non_negative("rho", self.rho))
+        self._set(self.radius_name, check_non_negative(self.radius_name, self.radius))
         check_int("interval", self.interval, 1)
         if self.rho_schedule is not None and not isinstance(self.rho_schedule, RhoSchedule):
             raise TypeError(f"Expected `rho_schedule` to be a RhoSchedule or None, got {self.rho_schedule!r}.")
@@ -108,16 +116,27 @@ class Method:
         """Set a (checked, normalized) setting in ``__post_init__``; settings are frozen afterwards."""
         object.__setattr__(self, name, value)
 
+    @property
+    def radius(self) -> float:
+        """The setting that scales the perturbation (``rho``, or RWP's ``sigma``)."""
+        return getattr(self, self.radius_name)
+
+    def _ordered_fields(self) -> list[dataclasses.Field]:
+        """The radius, the options every method has, then the method's own settings (the config's order)."""
+        own = fields(self)
+        radius = [f for f in own if f.name == self.radius_name]
+        common = [f for f in own if f.name in _COMMON]
+        return radius + common + [f for f in own if f.name != self.radius_name and f.name not in _COMMON]
+
     def settings(self) -> dict[str, Any]:
-        """The settings, in field order (the method's config; ``state`` is not part of it)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The settings (the method's config; ``state`` is not part of it)."""
+        return {f.name: getattr(self, f.name) for f in self._ordered_fields()}
 
     def __repr__(self) -> str:
-        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if not f.kw_only]
+        ordered = self._ordered_fields()
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in ordered if not f.kw_only]
         shown += [
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in fields(self)
-            if f.kw_only and getattr(self, f.name) != f.default
+            f"{f.name}={getattr(self, f.name)!r}" for f in ordered if f.kw_only and getattr(self, f.name) != f.default
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
 
@@ -137,8 +156,8 @@ class Method:
         return step % self.interval == 0
 
     def rho_at(self, step: int, lr: float | None = None) -> float:
-        """The method's rho at optimizer step ``step`` (group rhos scale by the same factor)."""
-        return self.rho if self.rho_schedule is None else self.rho_schedule.rho(step, self.rho, lr)
+        """The method's radius at optimizer step ``step`` (group rhos scale by the same factor)."""
+        return self.radius if self.rho_schedule is None else self.rho_schedule.rho(step, self.radius, lr)
 
     def plan_(self, total_steps: int | None) -> None:
         """Learn how many optimizer steps the run takes (``None``: unknown); default: nothing."""
@@ -170,6 +189,27 @@ class Method:
         """
         raise NotImplementedError(f"{type(self).__name__} does not define its ascent.")
 
+    def perturbation_(
+        self, groups: Sequence[ParamGroup], optimizer: torch.optim.Optimizer, step: int
+    ) -> tuple[list[ParamGroup], Ascent] | None:
+        """Single-pass methods (``single_pass``): the perturbation to apply before the forward.
+
+        Args:
+            groups: the param groups to perturb, each with its (scheduled) rho and its parameters; no
+                gradients (their ``grads`` are empty).
+            optimizer: the optimizer, whose state the method may read (Momentum-SAM's momentum).
+            step: the optimizer step.
+
+        Returns:
+            The groups with their directions in ``grads`` and the :class:`Ascent` (one scale per group),
+            with ``e = scale * direction``; ``None`` to perturb nothing at this step. The directions may be
+            the optimizer's own state: they are not changed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a single-pass method.")
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise for an optimizer the method cannot work with (Momentum-SAM: one without momentum); default: none."""
+
     # ------------------------------------------------------------------ descent
     @torch.no_grad()
     def clean_gradient_(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -183,6 +223,9 @@ class Method:
 
     def descent_(self, params: Sequence[Tensor]) -> None:
         """Adjust the descent gradient after the perturbed backward; default: nothing.
+
+        Two-pass methods see it after each micro-batch's perturbed backward; single-pass methods once
+        per update, before the finite check, with the summed gradient at ``w + e``.
 
         Args:
             params: every parameter of the step; ``p.grad`` is the perturbed gradient ``g_p`` (``None``

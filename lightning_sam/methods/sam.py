@@ -39,6 +39,8 @@ class SAM(Method):
         SAM(rho=0.1, interval=10, only='normalization')
     """
 
+    rho: float = 0.05
+
     name = "sam"
 
     @override

@@ -65,6 +65,7 @@ def _error_line(err: str) -> str:
          r"`sam=gsam` cannot train with this Trainer: .*`trainer.accumulate_grad_batches=2`"),
         ("sam=gsam optimizer.lr=0", r"`optimizer.lr` \(through `sam.rho_schedule.lr_max`\) to be a float > lr_min"),
         ("callbacks.checkpoint.mode=foo", r"`callbacks.checkpoint.mode`"),
+        ("sam=msam optimizer.momentum=0", r"`sam=msam` cannot train with this optimizer: .*`optimizer.momentum` 0"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_run_directory(

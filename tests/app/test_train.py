@@ -103,8 +103,10 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
         ["sam=late_phase", "sam.start=0.5"],
         ["sam=aesam", "sam.c=-inf"],
         ["sam=fsam"],
+        ["sam=msam"],
+        ["sam=rwp", "sam.eta=0.1"],
     ],
-    ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb", "late-phase", "aesam", "fsam"],
+    ids=["sam-sgd", "asam-adamw", "none", "sam-step-tb", "late-phase", "aesam", "fsam", "msam", "arwp"],
 )
 def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
     cfg = compose_cfg(tmp_path, data_dir, "debug=default", *overrides)
@@ -120,7 +122,12 @@ def test_app_runs_and_tests(tmp_path, data_dir, overrides, capsys):
         columns = set(next(csv.reader(f)))
     assert {"train/loss", "train/acc", "val/acc", "test/acc"} <= columns
     sam_keys = {"sam/sharpness", "sam/eps_norm", "sam/grad_norm", "sam/rho", "sam/perturbed_loss"}
-    assert sam_keys <= columns if "sam=none" not in overrides else not (sam_keys & columns)
+    if any(o in overrides for o in ("sam=msam", "sam=rwp")):  # one pass: no loss at w; RWP: no gradient norm
+        single = {"sam/eps_norm", "sam/rho", "sam/perturbed_loss"}
+        single |= {"sam/grad_norm"} if "sam=msam" in overrides else set()
+        assert single <= columns and "sam/sharpness" not in columns
+    else:
+        assert sam_keys <= columns if "sam=none" not in overrides else not (sam_keys & columns)
     assert ("sam/sam_fraction" in columns) == ("sam=aesam" in overrides)
 
 

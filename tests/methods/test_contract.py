@@ -31,10 +31,13 @@ SAM_LIMIT = {
     "late_phase": {"start": 0},
     "aesam": {"c": -math.inf},
     "fsam": {"sigma": 0.0},
+    "msam": None,  # along the momentum: no exact SAM limit
+    "rwp": None,  # random: no exact SAM limit
 }
 
 #: Arguments that make a short test run exercise the method (plain and SAM steps within a few steps).
-SHORT_RUN = {"looksam": {"k": 4}, "late_phase": {"start": 3}, "aesam": {"c": 0.0}}
+SHORT_RUN = {"looksam": {"k": 4}, "late_phase": {"start": 3}, "aesam": {"c": 0.0}, "msam": {"rho": 0.5},
+             "rwp": {"eta": 0.1}}  # fmt: skip
 
 NAMES = sorted(REGISTRY)
 
@@ -56,7 +59,7 @@ def test_every_registered_method_has_its_config_and_a_declared_limit():
 @pytest.mark.parametrize("name", [n for n in NAMES if SAM_LIMIT[n] is not None])
 def test_the_limit_is_exactly_sam(name):
     runs = {}
-    for label, method in (("sam", SAM(0.05)), (name, REGISTRY[name](0.05, **SAM_LIMIT[name]))):
+    for label, method in (("sam", SAM(0.05)), (name, REGISTRY[name](0.05, **SAM_LIMIT[name]))):  # type: ignore[arg-type]
         model = SAMClassifier(sam=method)
         trainer(max_epochs=2).fit(model, make_loader(batch_size=16))
         runs[label] = state_copy(model)
