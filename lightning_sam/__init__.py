@@ -55,9 +55,6 @@ __all__ = [
     "sam_step",
 ]
 
-# Checkpoints written by earlier versions may hold a method object, pickled under the module path of 0.1
-# (`lightning_sam.methods.SAM`); let `torch.load(weights_only=True)` read them.
-torch.serialization.add_safe_globals(
-    [(cls, f"lightning_sam.methods.{cls.__name__}") for cls in (SAM, ASAM, GSAM, LookSAM, RhoSchedule)]
-    + [*_REGISTRY.values(), RhoSchedule]  # and under their paths of today
-)
+# Checkpoints written by earlier versions may hold a method object, pickled as `lightning_sam.methods.SAM`
+# (the module path the shipped classes keep); let `torch.load(weights_only=True)` read them.
+torch.serialization.add_safe_globals([*_REGISTRY.values(), RhoSchedule])

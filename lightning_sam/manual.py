@@ -2,7 +2,7 @@
 
 For LightningModules that step their optimizers themselves (a GAN, actor-critic, a separate optimizer
 for an embedding table): the same update as :class:`~lightning_sam.SAMLightningModule`'s
-(:class:`~lightning_sam.step.SAMUpdate`: the same perturbation, freezing, finite check, skip and
+(:class:`~lightning_sam.core.update.SAMUpdate`: the same perturbation, freezing, finite check, skip and
 restore), driven through ``manual_backward`` and ``LightningOptimizer.step``.
 """
 

@@ -1,7 +1,7 @@
 """SAMLightningModule: a LightningModule mixin that runs the two-pass SAM step inside Lightning's own loop.
 
 The mixin only orchestrates; the math is in :mod:`lightning_sam.methods` and what an update saves and
-checks in :mod:`lightning_sam.step`.
+checks in :mod:`lightning_sam.core`.
 """
 
 from __future__ import annotations

@@ -70,6 +70,11 @@ __all__ = [
     "shipped",
 ]
 
+# Pickles and YAML tags name the shipped classes as 0.2 did (`lightning_sam.methods.SAM`), so that
+# earlier versions read what this one writes, and `torch.load(weights_only=True)` finds them by it.
+for _cls in (Method, SAM, ASAM, GSAM, LookSAM, LatePhaseSAM, AESAM, FriendlySAM, MomentumSAM, RWP, RhoSchedule):
+    _cls.__module__ = __name__
+
 #: The shipped methods by name: the app's ``sam=<name>`` options (``configs/sam/<name>.yaml``), what
 #: error messages list and what the contract test runs over. A new method is a file of its own and a
 #: line here.

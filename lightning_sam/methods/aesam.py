@@ -16,7 +16,7 @@ from lightning_sam.methods.sam import SAM
 __all__ = ["AESAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class AESAM(SAM):
     """Adaptive policy SAM (AE-SAM, Jiang et al., ICLR 2023): SAM only where the loss surface is sharp.
 

@@ -16,7 +16,7 @@ from lightning_sam.methods.sam import SAM
 __all__ = ["ASAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class ASAM(SAM):
     """Adaptive SAM (Kwon et al., ICML 2021): ``e(w) = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
 

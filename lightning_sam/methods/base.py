@@ -41,6 +41,10 @@ NORM_EPS = 1e-12
 
 _COMMON = ("interval", "rho_schedule", "only")  # the settings every method has, after its radius
 
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
 _NORM_LAYERS = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -50,7 +54,7 @@ _NORM_LAYERS = (
 )
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class Method:
     """The settings every method has, and the hooks of the SAM step with their defaults.
 
@@ -129,8 +133,22 @@ class Method:
         return radius + common + [f for f in own if f.name != self.radius_name and f.name not in _COMMON]
 
     def settings(self) -> dict[str, Any]:
-        """The settings (the method's config; ``state`` is not part of it)."""
-        return {f.name: getattr(self, f.name) for f in self._ordered_fields()}
+        """The settings (the method's config; ``state`` is not part of it).
+
+        The dataclass fields, and (for a subclass written the way of 0.2, with an ``__init__`` that sets
+        public attributes) every other public attribute: those were its settings then.
+        """
+        found = {f.name: getattr(self, f.name) for f in self._ordered_fields()}
+        for name, value in vars(self).items():
+            if name not in found and name != "state" and not name.startswith("_"):
+                found[name] = value
+        return found
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.settings() == other.settings()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple((k, _hashable(v)) for k, v in self.settings().items())))
 
     def __repr__(self) -> str:
         ordered = self._ordered_fields()
@@ -145,9 +163,13 @@ class Method:
 
     def __setstate__(self, settings: dict[str, Any]) -> None:
         # pickles of earlier versions held the public attributes: the settings, by name
+        names = {f.name for f in fields(self)}
         for f in fields(self):
             default = f.default if f.default is not dataclasses.MISSING else None
             object.__setattr__(self, f.name, settings.get(f.name, default))
+        for name, value in settings.items():  # a subclass's own public attributes (the way of 0.2)
+            if name not in names:
+                object.__setattr__(self, name, value)
         object.__setattr__(self, "state", self.State())
 
     # ------------------------------------------------------------------ schedule

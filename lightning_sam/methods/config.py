@@ -53,7 +53,7 @@ def method_from_config(config: Mapping[str, Any]) -> Method:
 
 def _class_path(obj: object) -> str:
     cls = type(obj)
-    shipped = cls.__module__.startswith("lightning_sam.methods")
+    shipped = cls.__module__ == "lightning_sam.methods"
     return f"lightning_sam.{cls.__qualname__}" if shipped else f"{cls.__module__}.{cls.__qualname__}"
 
 

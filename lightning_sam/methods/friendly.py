@@ -19,7 +19,7 @@ from lightning_sam.methods.state import ParameterState
 __all__ = ["FriendlySAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class FriendlySAM(SAM):
     """Friendly SAM (F-SAM, Li et al., CVPR 2024): the ascent without the full-gradient component.
 

@@ -17,7 +17,7 @@ from lightning_sam.methods.sam import SAM
 __all__ = ["GSAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class GSAM(SAM):
     """Surrogate gap guided SAM (Zhuang et al., ICLR 2022).
 

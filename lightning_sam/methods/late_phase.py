@@ -13,7 +13,7 @@ from lightning_sam.methods.sam import SAM
 __all__ = ["LatePhaseSAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class LatePhaseSAM(SAM):
     """Late-phase SAM (Zhou et al., ICLR 2025): plain steps first, SAM from ``start`` on.
 

@@ -19,7 +19,7 @@ from lightning_sam.methods.state import ParameterState
 __all__ = ["LookSAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class LookSAM(SAM):
     """LookSAM (Liu et al., CVPR 2022): a SAM step every ``k`` steps, cheap steps between.
 

@@ -18,7 +18,7 @@ __all__ = ["MomentumSAM"]
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class MomentumSAM(Method):
     """Momentum-SAM (MSAM, Becker et al., "Momentum-SAM: Sharpness Aware Minimization without Computational Overhead").
 

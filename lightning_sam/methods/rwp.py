@@ -18,7 +18,7 @@ from lightning_sam.methods.state import ParameterState
 __all__ = ["RWP"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class RWP(Method):
     """Random weight perturbation (RWP and its adaptive form ARWP; Li et al., TMLR 2024, code nblt/mARWP).
 

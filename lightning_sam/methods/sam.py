@@ -15,7 +15,7 @@ from lightning_sam.methods.base import NORM_EPS, Method
 __all__ = ["SAM"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class SAM(Method):
     """Sharpness-Aware Minimization: ``e(w) = rho * g / ||g||``.
 

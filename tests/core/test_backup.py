@@ -2,7 +2,7 @@ import torch
 import torchmetrics
 
 from lightning_sam import ParamGroup, WeightBackup
-from lightning_sam.backup import BufferBackup, GradientStash, MetricStates
+from lightning_sam.core.backup import BufferBackup, GradientStash, MetricStates
 
 
 def _group(params, rho):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_sam.tensors import add_scaled_, any_non_finite, copy_into, global_dot, global_norm, norm_of_norms
+from lightning_sam.core.tensors import add_scaled_, any_non_finite, copy_into, global_dot, global_norm, norm_of_norms
 
 
 def test_global_norm():

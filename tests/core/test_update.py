@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_sam import ASAM, SAM
-from lightning_sam.step import SAMUpdate
+from lightning_sam.core.update import SAMUpdate
 from tests.helpers import make_loader, make_net, reference_sam
 
 
