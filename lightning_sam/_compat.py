@@ -1,9 +1,11 @@
 """Every access to a private name of Lightning, torch or torchmetrics, gathered in one place.
 
-Checked against lightning 2.6.6, torch 2.13.0 and torchmetrics 1.9.0. Each function says what it
-relies on; ``tests/test_compat.py`` pins each of them down, so an upgrade that breaks one fails there
-first. torch's ``torch._foreach_*`` kernels are used throughout the package as the documented fast
-path for lists of tensors (``torch.optim`` uses them the same way) and are not repeated here.
+Checked against the supported range, both ends tested in CI: lightning 2.4.0 and 2.6.6 (2.5.6 by
+hand), torch 2.4.1 and 2.13.0, torchmetrics 1.1.2 and 1.9.0. Each function says what it relies on;
+``tests/test_compat.py`` pins each of them down, so an upgrade that breaks one fails there first.
+torch's ``torch._foreach_*`` kernels are used throughout the package as the documented fast path for
+lists of tensors (``torch.optim`` uses them the same way) and are not repeated here; ``core/tensors.py``
+imports DTensor from its private path on torch 2.4 (public from 2.5).
 """
 
 from __future__ import annotations

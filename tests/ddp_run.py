@@ -54,7 +54,10 @@ class CountAllreduces(pl.Callback):
 
 class ShardedClassifier(SAMClassifier):
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch before 2.6: FSDP2 under its private path
+            from torch.distributed._composable.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:

@@ -81,8 +81,21 @@ def test_lightning_overhead_prints_its_ratios():
         ratio(out, f"{name} / Lightning no SAM")
 
 
-def test_quality_report_tunes_on_validation_and_reports_its_targets(tmp_path):
-    out = run("quality_report.py", "--quick", "--methods", "SGD", "--out", str(tmp_path / "q.md"))
-    text = (tmp_path / "q.md").read_text()
-    assert "Tuning (validation accuracy %" in text and "| SAM | rho " in text and "| SGD | lr " in text
-    assert "Tuned SAM - tuned SGD at 40% noise" in text and text in out
+def test_frontier_tunes_measures_paired_seeds_and_reports_its_targets(tmp_path):
+    out = run("frontier.py", "--quick", "--methods", "Momentum-SAM", "--out", str(tmp_path / "f.md"))
+    text = (tmp_path / "f.md").read_text()
+    assert text in out
+    for title in ("**Best validation checkpoint**", "**Weights after the last epoch**"):
+        assert title in text
+    rows = re.findall(r"^\| (SGD|SAM|Momentum-SAM) \| (.*?) \|", text, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["SGD", "SAM", "Momentum-SAM"] * 2  # SGD and SAM always run
+    assert all(r[1].startswith("lr ") for r in rows) and "rho " in rows[1][1]  # the settings under the app's names
+    gains = re.findall(r"\| ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] \|", text)
+    assert len(gains) == 4 and all(float(lo) <= float(m) <= float(hi) for m, lo, hi in gains)  # mean inside its CI
+    assert "Tuned SAM over tuned SGD, paper's protocol:" in text
+    assert "Momentum-SAM (weights after the last epoch)" in text
+    assert re.search(r"an SGD run takes \d+ s: about \d+ min", out)  # the plan, printed first
+    costs = re.findall(r"\| (\d+\.\d\d)x \|", text)
+    assert len(costs) == 6 and all(float(c) > 0 for c in costs)
+
+

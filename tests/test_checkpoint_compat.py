@@ -10,6 +10,7 @@ from tests.fixtures.make_v0_2_checkpoints import METHODS
 from tests.helpers import SAMClassifier, assert_same_state, make_loader, state_copy, trainer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v0_2"
+FIXTURES_TORCH = "2.13."  # the torch the fixtures were written with
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -19,7 +20,9 @@ def test_a_0_2_checkpoint_resumes_bit_for_bit(name, tmp_path):
     assert saved["global_step"] == 6 and saved["lightning_sam"]["config"]["class_path"].startswith("lightning_sam.")
     model = SAMClassifier(sam=METHODS[name]())
     trainer(max_epochs=3).fit(model, make_loader(batch_size=16), ckpt_path=ckpt)
-    assert_same_state(torch.load(FIXTURES / f"{name}.final.pt", weights_only=True), state_copy(model))
+    # bit for bit with the torch that wrote the fixtures; other torch builds round some kernels differently
+    atol = 0.0 if torch.__version__.startswith(FIXTURES_TORCH) else 1e-6
+    assert_same_state(torch.load(FIXTURES / f"{name}.final.pt", weights_only=True), state_copy(model), atol=atol)
     # what a checkpoint of today holds about the method: the same plain data as in 0.2.0
     path = tmp_path / "now.ckpt"
     model.trainer.save_checkpoint(path)

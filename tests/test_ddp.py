@@ -91,6 +91,8 @@ def _simulate(mode: str) -> torch.nn.Module:
     ],
 )
 def test_ddp_matches_simulation_with_the_expected_allreduces(tmp_path, mode, allreduces):
+    if mode == "fsdp2" and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6):
+        pytest.skip("FSDP2 on CPU processes needs torch >= 2.6 (public fully_shard; 2.4's calls CUDA)")
     result = _run(tmp_path, mode)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -12,13 +12,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import (
     EarlyStopping,
-    EMAWeightAveraging,
     GradientAccumulationScheduler,
     LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,
 )
 from lightning.pytorch.plugins import MixedPrecision
+
+try:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+except ImportError:  # Lightning before 2.6 has no EMAWeightAveraging
+    EMAWeightAveraging = None
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
@@ -108,6 +112,7 @@ def test_stochastic_weight_averaging():
             torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=f"{name} {key}")
 
 
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="EMAWeightAveraging arrived in Lightning 2.6")
 def test_ema_weight_averaging():
     class StepWeights(pl.Callback):
         def __init__(self):

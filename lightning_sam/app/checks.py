@@ -121,6 +121,7 @@ def check_top_level(cfg: DictConfig) -> None:
     checks = [
         ("seed", cfg.get("seed"), lambda v: is_int(v, 0) and v < 2**32, "an int in [0, 2**32)"),
         ("test", cfg.get("test", True), lambda v: isinstance(v, bool), "true or false"),
+        ("test_last", cfg.get("test_last", False), lambda v: isinstance(v, bool), "true or false"),
         ("trainer.max_epochs", cfg.trainer.get("max_epochs"), lambda v: v is None or v == -1 or is_int(v, 1),
          "an int >= 1 (or -1 with trainer.max_steps, no end by epochs)"),
         ("trainer.max_steps", cfg.trainer.get("max_steps", -1), lambda v: v == -1 or is_int(v, 1),
@@ -339,13 +340,15 @@ def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.T
     """
 
     def attempt(config: dict) -> pl.Trainer:
+        # built directly, not through Hydra's instantiate: its kwargs would arrive as OmegaConf containers
+        # (a ListConfig of plugins), which Lightning before 2.5 refuses
         with _quiet_lightning() if quiet else nullcontext():
-            return instantiate(config, **kwargs)
+            return _construct(config, kwargs)
 
     try:
         return attempt(trainer_cfg)
     except Exception as err:
-        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
+        cause = err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         defaults = _defaults(trainer_cfg["_target_"])
         culprits = []
@@ -354,7 +357,7 @@ def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.T
                 continue
             try:
                 with _quiet_lightning():
-                    instantiate({**trainer_cfg, name: defaults[name]}, **kwargs)
+                    _construct({**trainer_cfg, name: defaults[name]}, kwargs)
             except Exception:  # this key alone does not explain it
                 continue
             culprits.append(f"trainer.{name}={show(value)}")
@@ -362,6 +365,11 @@ def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.T
             raise ConfigError(f"The Trainer refused the `trainer` config with these callbacks: {reason}") from cause
         hint = " (no GPU here: trainer=cpu)" if "trainer.accelerator=gpu" in culprits else ""
         raise ConfigError(f"Invalid `{'`, `'.join(culprits)}`{hint}: {reason}") from cause
+
+
+def _construct(config: dict, kwargs: dict) -> pl.Trainer:
+    """The Trainer of ``config`` (resolved plain data with its ``_target_``) and ``kwargs`` (objects)."""
+    return get_class(config["_target_"])(**{k: v for k, v in config.items() if k != "_target_"}, **kwargs)
 
 
 def check_method_takes_trainer(cfg: DictConfig, model: SAMClassifier, trainer: pl.Trainer, trainer_cfg: dict) -> None:

@@ -152,7 +152,8 @@ class Resume:
 #: accumulation, clipping, the best-checkpoint tracking) is refused.
 MAY_CHANGE_ON_RESUME = (
     "trainer.max_epochs", "trainer.max_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
-    "trainer.log_every_n_steps", "trainer.accelerator", "test", "data.num_workers", "data.data_dir", "data.download",
+    "trainer.log_every_n_steps", "trainer.accelerator", "test", "test_last", "data.num_workers", "data.data_dir",
+    "data.download",
     "sam.", "logger.", "callbacks.sharpness.", "callbacks.lr_monitor.", "callbacks.progress.", "callbacks.hessian.",
     "task_name", "ckpt_path", "output_dir",
 )  # fmt: skip

@@ -166,6 +166,9 @@ def _fit_and_test(
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_score is not None:
         result["best_val"] = float(checkpoint.best_model_score)  # the monitored value (val/acc)
+    if cfg.get("test_last", False):  # the paper's protocol: the weights after the last epoch, before the best's test
+        last = trainer.test(model, datamodule, ckpt_path=None, verbose=False)
+        result.update({k.replace("test/", "test_last/", 1): v for k, v in (last[0] if last else {}).items()})
     if cfg.get("test", True):
         best = checkpoint.best_model_path if checkpoint else ""
         tested = best or "the weights at the end of training"

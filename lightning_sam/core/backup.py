@@ -56,12 +56,14 @@ class WeightBackup:
             self._holds_copy = self._perturbed = True
             for group, scale in pairs:
                 add_scaled_(group.params, group.grads, scale, keep_sources=keep_directions)  # w <- w + e
+        _forget_autocast_casts()
 
     def restore_(self) -> None:
         """``w <- saved w``; does nothing when no copy is held."""
         if self._holds_copy and self._params:
             with torch.no_grad():
                 torch._foreach_copy_(self._params, self._saved)
+            _forget_autocast_casts()
         self._perturbed = False
 
     def unperturbed(self) -> dict[int, Tensor]:
@@ -201,6 +203,16 @@ class GradientStash:
     def discard(self) -> None:
         """Forget the sums (the update is over); the storage is kept for the next one."""
         self._params = []
+
+
+def _forget_autocast_casts() -> None:
+    """Drop autocast's cached low-precision copies of the weights, which now hold other values.
+
+    Inside one ``torch.autocast`` region with its cache on (the default, and Lightning's before 2.5), a
+    second forward reuses the casts of the first: the perturbed pass would run at ``w``, not ``w + e``,
+    and a forward after the restore at ``w + e``.
+    """
+    torch.clear_autocast_cache()
 
 
 def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:

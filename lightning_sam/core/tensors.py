@@ -32,8 +32,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 try:  # FSDP2 shards parameters as DTensors
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-except ImportError:  # torch without distributed support, or before 2.5
-    DTensor = None
+except ImportError:
+    try:  # torch 2.4: the same classes, under their private path
+        from torch.distributed._tensor import DTensor, Partial, Replicate, Shard
+    except ImportError:  # torch without distributed support
+        DTensor = None
 
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:

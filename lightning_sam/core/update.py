@@ -489,7 +489,7 @@ class SAMUpdate:
         assert self._layout is not None
         norms, stats = self._layout.norms, self._layout.other_stats
         metrics = MetricStates(self._layout.metrics)
-        saved_stats = torch._foreach_clone(stats) if stats else []
+        saved_stats = [t.clone() for t in stats]  # a few small tensors (torch._foreach_clone: torch >= 2.12 only)
         for m in norms:
             m.track_running_stats = False  # batch statistics; running ones untouched
         try:

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sam.app.checks import ConfigError
 from lightning_sam.app.train import train
@@ -59,7 +59,7 @@ def compose_cfg(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
 def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
     choices = compose_cfg(tmp_path, data_dir).hydra.runtime.choices
     assert sorted(g for g in choices if not g.startswith("hydra/")) == GROUPS  # every group train.yaml names
-    for group in GROUPS:
+    for group in [g for g in GROUPS if g != "tuned"]:  # tuned: chosen by experiment and sam (the test below)
         options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
         assert options, group
         for option in options:
@@ -82,7 +82,7 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
                 opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
                 assert instantiate(node)(opt) is not None
             elif group == "sam" and node._target_ is not None:
-                assert instantiate(node).rho >= 0
+                assert instantiate(node).radius >= 0
             elif group == "trainer":
                 gpu = cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()
                 assert instantiate(node, **({"accelerator": "cpu"} if gpu else {})) is not None

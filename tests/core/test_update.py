@@ -134,3 +134,37 @@ def test_abort_in_the_perturbed_pass_restores_weights_and_buffers():
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not update.is_open
+
+
+def test_inside_one_autocast_region_the_perturbed_pass_sees_w_plus_e():
+    """torch.autocast caches the low-precision casts of the weights within a region (Lightning's before 2.5, and
+    any user's own autocast around sam_step): the perturbed forward must not reuse the casts of w."""
+    net = make_net(batchnorm=False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = next(iter(make_loader(batch_size=16)))
+    update = SAMUpdate(SAM(0.5))
+    update.bind_(net, optimizer)
+    seen = {}
+
+    def perturbed():
+        seen["weights"] = [p.detach().clone() for p in net.parameters()]
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=True), update.step_(0, optimizer):
+        loss = F.cross_entropy(net(x), y)
+        perturbed_loss = update.passes_(optimizer, loss, loss.backward, perturbed)
+        after = F.cross_entropy(net(x), y)  # back at w, in the same region
+        update.close_(optimizer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # fresh regions: casts of the weights given
+        originals = [p.detach().clone() for p in net.parameters()]
+        for p, w in zip(net.parameters(), seen["weights"]):
+            p.copy_(w)
+        expected = F.cross_entropy(net(x), y)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for p, w in zip(net.parameters(), originals):
+            p.copy_(w)
+        clean = F.cross_entropy(net(x), y)
+    assert torch.equal(perturbed_loss.detach(), expected) and not torch.equal(expected, clean)
+    assert torch.equal(after.detach(), clean)
