@@ -462,5 +462,3 @@ def test_accumulation_with_a_parameter_first_used_in_a_later_micro_batch():
     reference_sam(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), loader, rho=0.05, accumulate=2)
     assert_same_state(state_copy(model), state_copy(net), atol=1e-6)
     assert not torch.equal(model.extra.weight, Branching().extra.weight)
-
-

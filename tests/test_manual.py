@@ -240,8 +240,6 @@ def test_gan_example_runs():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "gan_sam.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--epochs", "1"], capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SAM on D:" in result.stdout and "modes covered" in result.stdout

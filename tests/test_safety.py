@@ -157,8 +157,6 @@ def test_resume_at_epoch_boundary_is_bit_exact(tmp_path):
     assert resumed.trainer.global_step == full.trainer.global_step == 12
 
 
-
-
 def test_a_checkpoint_written_during_the_perturbed_pass_holds_w(tmp_path):
     # Lightning's SLURM requeue handler calls trainer.save_checkpoint from a signal handler, at any point
     class SavesMidStep(SAMClassifier):

@@ -216,8 +216,8 @@ class SAMUpdate:
     def ascend_(
         self,
         optimizer: torch.optim.Optimizer,
-        loss: Tensor,
-        backward: Callable[[], Any],
+        loss: Tensor | None,
+        backward: Callable[[], Any] | None,
         lr: float | None = None,
         any_rank: Callable[[bool], bool] = bool,
         loss_scale: Tensor | None = None,
@@ -229,11 +229,15 @@ class SAMUpdate:
         is a plain step (every replica asked through ``any_rank``): then nothing is perturbed, the
         clean gradient is the descent gradient (the earlier sums added back) and this returns False.
         ``loss_scale``: the AMP scale of the clean backward (``||g||`` is seen and reported unscaled).
+        ``backward=None``: the clean gradient is in ``.grad`` already (a loop that ran the backward itself;
+        nothing is set aside); ``loss=None``: the caller checks no loss.
         """
-        self._stash.take_(self._params)
-        with torch.enable_grad():
-            backward()
-        self._losses.append(loss.detach())
+        if backward is not None:
+            self._stash.take_(self._params)
+            with torch.enable_grad():
+                backward()
+        if loss is not None:
+            self._losses.append(loss.detach())
         params = [p for p in self._params if p.grad is not None]
         grads = [p.grad for p in params]
         unscale = (lambda norm: norm / loss_scale) if loss_scale is not None else (lambda norm: norm)
@@ -248,7 +252,7 @@ class SAMUpdate:
         ascent = self.method.ascent_(groups)
         self._weights.perturb_(groups, ascent.scales)  # w <- w + e
         self._ascended = True
-        self._pending = (loss.detach(), unscale(ascent.grad_norm), ascent.eps_norm, rho)
+        self._pending = (None if loss is None else loss.detach(), unscale(ascent.grad_norm), ascent.eps_norm, rho)
         return True
 
     def descend_(self, run: Callable[[], Tensor]) -> Tensor:
@@ -259,18 +263,36 @@ class SAMUpdate:
                 BatchNorm running statistics frozen and torchmetrics states put back afterwards;
                 its gradients add to those of the earlier micro-batches.
         """
-        assert self._pending is not None, "ascend_ first"
-        self._stash.give_back_(self._params)
+        self.begin_perturbed_()
         try:
             with self._frozen(), torch.enable_grad():
                 perturbed_loss = run()
-        finally:
+        except BaseException:
             self._weights.restore_()  # w <- saved w
+            raise
+        self.end_perturbed_(perturbed_loss)
+        return perturbed_loss
+
+    def begin_perturbed_(self, keep_gradients: bool = False) -> None:
+        """Before a perturbed pass the caller runs itself: the gradients of earlier micro-batches are given back.
+
+        A parameter without an earlier sum gets no gradient (the clean one is dropped), unless
+        ``keep_gradients`` (the perturbed backward then adds to the clean gradient, as davda54/sam's
+        ``first_step(zero_grad=False)`` does).
+        """
+        assert self._pending is not None, "ascend_ first"
+        if not keep_gradients:
+            self._stash.give_back_(self._params)
+
+    def end_perturbed_(self, perturbed_loss: Tensor | None = None) -> None:
+        """After the perturbed backward: ``w`` restored bit for bit, the method's descent, the step's figures."""
+        assert self._pending is not None, "ascend_ first"
+        self._weights.restore_()  # w <- saved w
         self.method.descent_(self._params)
         loss, grad_norm, eps_norm, rho = self._pending
-        self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
-        self._losses.append(perturbed_loss.detach())
-        return perturbed_loss
+        if perturbed_loss is not None:
+            self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
+            self._losses.append(perturbed_loss.detach())
 
     # ------------------------------------------------------------------ the single-pass route
     @torch.no_grad()

@@ -45,6 +45,7 @@ _COMMON = ("interval", "rho_schedule", "only")  # the settings every method has,
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
+
 _NORM_LAYERS = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,

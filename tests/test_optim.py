@@ -1,0 +1,165 @@
+"""lightning_sam.optim.SAM, the plain-PyTorch front end: davda54/sam's own file as the reference, the differences
+that are on purpose (the skip, the restore after an exception, the base optimizer's state), single-pass methods."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lightning_sam import GSAM, MomentumSAM
+from lightning_sam.optim import SAM
+from tests.helpers import make_loader, make_net
+from tests.reference.davda54_sam import SAM as Davda54SAM
+
+
+def _sgd(**extra):
+    return dict(lr=0.1, momentum=0.9, weight_decay=5e-4, **extra)
+
+
+def _two_calls(net, opt, batches):
+    """davda54's README loop: first_step / second_step around the two passes."""
+    for x, y in batches:
+        F.cross_entropy(net(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+
+def _with_closure(net, opt, batches):
+    """davda54's step(closure): the clean backward first, then the closure for the perturbed pass."""
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        closure()
+        opt.step(closure)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam-eta-0"])
+@pytest.mark.parametrize("loop", [_two_calls, _with_closure], ids=["first-second-step", "step-closure"])
+def test_one_import_changed_gives_davda54s_trajectory(adaptive, loop):
+    batches = list(make_loader(batch_size=16)) * 2
+    ours_net, theirs_net = make_net(), make_net()
+    rho = 0.5 if adaptive else 0.05
+    ours = SAM(ours_net.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, **_sgd())
+    theirs = Davda54SAM(theirs_net.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, **_sgd())
+    loop(ours_net, ours, batches)
+    loop(theirs_net, theirs, batches)
+    for (key, value), expected in zip(ours_net.state_dict().items(), theirs_net.state_dict().values()):
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+    assert ours.base_optimizer.state_dict()["state"]  # the momentum is the base optimizer's, as in davda54's
+    assert not torch.equal(ours_net[0].weight, make_net()[0].weight)
+
+
+def test_one_call_per_step_runs_both_passes_when_no_gradient_is_there():
+    net, reference = make_net(), make_net()
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    theirs = Davda54SAM(reference.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    batches = list(make_loader(batch_size=16))
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)  # both passes in one call
+        assert loss is not None and loss.ndim == 0
+        opt.zero_grad()
+    _with_closure(reference, theirs, batches)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_non_finite_step_is_skipped_with_nothing_changed_where_davda54s_writes_nan():
+    net = make_net(batchnorm=False)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, module=net, **_sgd())
+    x, y = next(iter(make_loader(batch_size=16)))
+    (F.cross_entropy(net(x), y)).backward()
+    opt.first_step(zero_grad=True)
+    opt.second_step(zero_grad=True)  # one ordinary step: momentum exists
+    before, state = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    (F.cross_entropy(net(x), y) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="skipped the update"):
+        opt.first_step(zero_grad=True)
+        (F.cross_entropy(net(x), y)).backward()
+        assert opt.second_step(zero_grad=True) is True
+    assert opt.skipped_steps == 1
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert str(opt.state_dict()["state"]) == str(state["state"])  # the momentum untouched
+    theirs_net = make_net(batchnorm=False)
+    theirs = Davda54SAM(theirs_net.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    (F.cross_entropy(theirs_net(x), y) * float("nan")).backward()
+    theirs.first_step(zero_grad=True)
+    (F.cross_entropy(theirs_net(x), y)).backward()
+    theirs.second_step(zero_grad=True)
+    assert not torch.isfinite(theirs_net[0].weight).all()  # the difference on purpose
+
+
+def test_an_exception_in_the_perturbed_pass_puts_w_back():
+    net = make_net()
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, module=net, **_sgd())
+    x, y = next(iter(make_loader(batch_size=16)))
+    before = copy.deepcopy(net.state_dict())
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(closure)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key  # weights and BatchNorm statistics
+
+
+def test_any_method_and_the_state_dict_round_trip():
+    net = make_net(batchnorm=False)
+    opt = SAM(net.parameters(), torch.optim.SGD, method=GSAM(0.05, alpha=0.2), **_sgd())
+    _two_calls(net, opt, list(make_loader(batch_size=16))[:3])
+    saved = opt.state_dict()
+    assert saved["lightning_sam"]["steps"] == 3 and saved["state"]
+    other = SAM(make_net(batchnorm=False).parameters(), torch.optim.SGD, method=GSAM(0.05, alpha=0.2), **_sgd())
+    other.load_state_dict(saved)
+    assert other._steps == 3 and str(other.base_optimizer.state_dict()) == str(opt.base_optimizer.state_dict())
+    with pytest.raises(TypeError, match="GSAM takes two passes a step: give `step` a closure"):
+        opt.step()
+
+
+def test_a_single_pass_method_steps_without_a_closure_and_gives_w_back_on_demand():
+    """Momentum-SAM with `step()` only: the trajectory of the same method under a closure, w between on demand."""
+    batches = list(make_loader(batch_size=16)) * 2
+    net, reference = make_net(batchnorm=False), make_net(batchnorm=False)
+    opt = SAM(net.parameters(), torch.optim.SGD, method=MomentumSAM(rho=0.5), **_sgd())
+    ref_opt = SAM(reference.parameters(), torch.optim.SGD, method=MomentumSAM(rho=0.5), **_sgd())
+    for x, y in batches:
+        F.cross_entropy(net(x), y).backward()  # at w + e (w on the first step: no momentum yet)
+        opt.step()
+        opt.zero_grad()
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(reference(x), y)
+            loss.backward()
+            return loss
+
+        ref_opt.step(closure)
+        ref_opt.zero_grad()
+        with opt.unperturbed():  # w, as the closure version holds between steps
+            for key, value in net.state_dict().items():
+                torch.testing.assert_close(value, reference.state_dict()[key], atol=1e-6, rtol=0, msg=key)
+    assert not torch.equal(net[0].weight, reference[0].weight)  # outside: w + e for the next forward
+    opt.restore()
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], atol=1e-6, rtol=0, msg=key)
+    with pytest.raises(TypeError, match="MomentumSAM takes one pass a step"):
+        opt.first_step()
