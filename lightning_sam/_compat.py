@@ -54,9 +54,14 @@ def active_scaler(precision_plugin: Any) -> Any:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def loss_scale(scaler: Any) -> Tensor:
-    """A GradScaler's current scale as a tensor, without a host sync (``GradScaler._get_scale_async``)."""
-    return scaler._get_scale_async()
+def loss_scale(scaler: Any) -> Tensor | float:
+    """A GradScaler's current scale, without a host sync (``GradScaler._get_scale_async``).
+
+    The scaler makes its scale tensor at its first ``scale()``; before that (the run's first step, asked
+    before the clean backward), the scale it is about to use: its initial one (public ``get_scale``, no sync then).
+    """
+    scale = scaler._get_scale_async()
+    return scaler.get_scale() if scale is None else scale
 
 
 def flag_non_finite_(tensors: list[Tensor], found: Tensor, one: Tensor) -> None:

@@ -48,7 +48,7 @@ class StepContext:
             distributed=is_distributed_ddp(strategy.model),
         )
 
-    def loss_scale(self) -> Tensor | None:
+    def loss_scale(self) -> Tensor | float | None:
         """The AMP scale of the losses now (``None`` without a scaler), without a host sync."""
         return loss_scale(self.scaler) if self.scaler is not None else None
 

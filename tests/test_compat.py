@@ -36,6 +36,7 @@ def test_should_update_logs_follows_log_every_n_steps():
 
 def test_loss_scale_is_the_scalers_scale_as_a_tensor():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert loss_scale(scaler) == 1024.0  # before its first scale(): the scale it will use
     scaler.scale(torch.ones(()))  # the scale tensor is created lazily
     assert isinstance(loss_scale(scaler), torch.Tensor) and loss_scale(scaler).item() == 1024.0
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_sam import GSAM, SAM, SharpnessMonitor, sam_step
+from lightning_sam.manual import sam_step_stats
 from tests.helpers import Snapshots, assert_same_state, make_loader, make_net, state_copy, trainer
 
 RHO = 0.05
@@ -158,8 +159,15 @@ def test_mixed_precision(precision):
     ref = copy.deepcopy(model.net)
     before = state_copy(model)
     loader = make_loader(batch_size=16)
-    trainer(max_epochs=2, **kwargs).fit(model, loader)
+    norms = []
+
+    class Norms(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            norms.append(sam_step_stats(pl_module)[0].grad_norm.item())
+
+    trainer(max_epochs=2, callbacks=[Norms()], **kwargs).fit(model, loader)
     after = state_copy(model)
+    assert max(norms) < 100  # reported unscaled at every step, the first included (16-mixed scales by 65536)
     assert model.calls == 2 * 6 * 2  # 2 epochs of 6 batches, both SAM passes on each
     assert not torch.equal(before["net.0.weight"], after["net.0.weight"])
     # the plain-torch reference under the same autocast (16-mixed's loss scale, a power of 2, changes nothing)

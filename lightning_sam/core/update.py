@@ -220,7 +220,7 @@ class SAMUpdate:
         backward: Callable[[], Any] | None,
         lr: float | None = None,
         any_rank: Callable[[bool], bool] = bool,
-        loss_scale: Tensor | None = None,
+        loss_scale: Tensor | float | None = None,
     ) -> bool:
         """The clean backward at ``w`` (``backward()``; ``loss`` is ``L(w)``), then ``w <- w + e(w)``.
 
@@ -384,7 +384,7 @@ class SAMUpdate:
         *,
         lr: float | None = None,
         any_rank: Callable[[bool], bool] = bool,
-        loss_scale: Tensor | None = None,
+        loss_scale: Tensor | float | None = None,
         on_plain_step: Callable[[], None] | None = None,
     ) -> Tensor | None:
         """The two passes of one micro-batch: :meth:`ascend_` then :meth:`descend_`; returns ``L(w + e)``.

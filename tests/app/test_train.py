@@ -93,6 +93,24 @@ def test_every_group_option_composes_and_instantiates(tmp_path, data_dir):
                 instantiate(cfg.data)
 
 
+def test_an_experiment_runs_every_method_at_its_own_tuned_setting(tmp_path, data_dir):
+    from lightning_sam.methods import REGISTRY
+
+    tuned = CONFIGS / "tuned" / "mnist1d_label_noise"
+    assert sorted(p.stem for p in tuned.glob("*.yaml")) == sorted([*REGISTRY, "none"])  # every method, and SGD
+    for option in [*REGISTRY, "none"]:
+        saved = OmegaConf.load(tuned / f"{option}.yaml")
+        cfg = compose_cfg(tmp_path, data_dir, "experiment=mnist1d_label_noise", f"sam={option}")
+        assert cfg.hydra.runtime.choices.tuned == f"mnist1d_label_noise/{option}"
+        assert cfg.optimizer.lr == saved.optimizer.lr
+        for key, value in saved.get("sam", {}).items():
+            assert cfg.sam[key] == value, (option, key)
+        typed = compose_cfg(tmp_path, data_dir, "experiment=mnist1d_label_noise", f"sam={option}", "optimizer.lr=0.01")
+        assert typed.optimizer.lr == 0.01  # the command line still wins
+    plain = compose_cfg(tmp_path, data_dir, "sam=msam")  # no experiment: the method's own defaults
+    assert plain.sam.rho == OmegaConf.load(CONFIGS / "sam" / "msam.yaml").rho
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

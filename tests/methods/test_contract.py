@@ -178,3 +178,42 @@ def test_it_runs_under_sam_step(name):
     assert all(torch.isfinite(v).all() for v in after.values()) and not torch.equal(
         after["net.0.weight"], before["net.0.weight"]
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_fabric_and_plain_pytorch_front_ends_take_the_mixins_steps(name):
+    from lightning.fabric import Fabric
+
+    from lightning_sam.fabric import sam_step as fabric_sam_step
+    from lightning_sam.optim import SAM as PlainSAM
+    from tests.helpers import make_net
+
+    loader = make_loader(batch_size=16)
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(1)  # RWP's noise
+    model = SAMClassifier(sam=make(name))
+    trainer(max_epochs=1).fit(model, loader)
+
+    torch.manual_seed(1)
+    net, method = make_net(), make(name)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric_model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), **sgd))
+    for x, y in loader:
+        loss = lambda x=x, y=y: torch.nn.functional.cross_entropy(fabric_model(x), y)  # noqa: E731
+        fabric_sam_step(fabric, fabric_model, optimizer, loss, method)
+
+    torch.manual_seed(1)
+    plain = make_net()
+    opt = PlainSAM(plain.parameters(), torch.optim.SGD, method=make(name), module=plain, **sgd)
+    for x, y in loader:
+
+        def closure(x=x, y=y):
+            loss = torch.nn.functional.cross_entropy(plain(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+    for key, value in state_copy(model.net).items():
+        torch.testing.assert_close(net.state_dict()[key], value, atol=1e-6, rtol=0, msg=f"fabric {key}")
+        torch.testing.assert_close(plain.state_dict()[key], value, atol=1e-6, rtol=0, msg=f"plain {key}")

@@ -1,0 +1,49 @@
+"""Trains with lightning_sam.fabric.sam_step under Fabric's DDP (2 CPU processes, gloo); saves what each rank ends with.
+
+Run by tests/test_fabric.py as ``python tests/fabric_ddp_run.py OUT_DIR MODE``: Fabric's "ddp" strategy starts the
+second process by running this script again, so it must not run under pytest itself. MODE: ``local`` (each replica
+its own e) or ``sync`` (``sync_perturbation=True``). The data order is tests/test_ddp.py's simulation's: a
+permutation of 64 examples with seed 0, rank r taking every second one, 8 per batch, 4 steps.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_sam import SAM
+from lightning_sam.fabric import sam_step
+from tests.helpers import make_data, make_net
+
+ALLREDUCES = 0
+
+
+def counting_allreduce(state, bucket):
+    global ALLREDUCES
+    ALLREDUCES += 1
+    return allreduce_hook(state, bucket)
+
+
+def main(out: Path, mode: str) -> None:
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    net = make_net(batchnorm=False)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4))
+    model._forward_module.register_comm_hook(None, counting_allreduce)  # DistributedDataParallel's
+    x, y = make_data(n=64).tensors
+    mine = torch.randperm(64, generator=torch.Generator().manual_seed(0))[fabric.global_rank :: 2]
+    method = SAM(0.05)
+    for b in range(4):
+        i = mine[b * 8 : (b + 1) * 8]
+        sam_step(fabric, model, optimizer, lambda i=i: F.cross_entropy(model(x[i]), y[i]), method,
+                 sync_perturbation=mode == "sync")  # fmt: skip
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.save({"state": state, "allreduces": ALLREDUCES}, out / f"rank{fabric.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
