@@ -8,8 +8,10 @@ replica under DDP (``fabric.no_backward_sync``) unless ``e`` is synchronized, an
 of BatchNorm statistics in the perturbed pass, its finite check and skip, and its exact restore.
 
 What a step counts (``interval``, rho schedules, LookSAM's ``k``) is kept in the optimizer's first param
-group (``"sam_steps"``), so ``fabric.save(path, {"model": model, "optimizer": optimizer, "sam": method})``
-carries it with the method's own state, and ``fabric.load`` puts both back.
+group (``"sam_steps"``), so a checkpoint of the optimizer carries it. The method's own state (LookSAM's
+direction, GSAM's and F-SAM's statistics) goes beside it: ``fabric.save(path, {"model": model, "optimizer":
+optimizer, "sam": method.state_dict()})`` (Fabric takes no frozen dataclass such as the method itself), and
+after ``fabric.load`` ``method.load_state_dict(state["sam"])``: the run then goes on as if never stopped.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Trains with lightning_sam.fabric.sam_step under Fabric's DDP (2 CPU processes, gloo); saves what each rank ends with.
 
-Run by tests/test_fabric.py as ``python tests/fabric_ddp_run.py OUT_DIR MODE``: Fabric's "ddp" strategy starts the
-second process by running this script again, so it must not run under pytest itself. MODE: ``local`` (each replica
-its own e) or ``sync`` (``sync_perturbation=True``). The data order is tests/test_ddp.py's simulation's: a
-permutation of 64 examples with seed 0, rank r taking every second one, 8 per batch, 4 steps.
+Run by tests/test_fabric.py as ``python tests/fabric_ddp_run.py OUT_DIR``: Fabric's "ddp" strategy starts the
+second process by running this script again, so it must not run under pytest itself. Two runs in the same processes:
+``local`` (each replica its own e) and ``sync`` (``sync_perturbation=True``), saved as ``{mode}_rank{r}.pt``.
+The data order is tests/test_ddp.py's simulation's: a permutation of 64 examples with seed 0,
+rank r taking every second one, 8 per batch, 4 steps.
 """
 
 import sys
@@ -28,9 +29,9 @@ def counting_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-def main(out: Path, mode: str) -> None:
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
-    fabric.launch()
+def run(fabric: Fabric, out: Path, mode: str) -> None:
+    global ALLREDUCES
+    ALLREDUCES = 0
     net = make_net(batchnorm=False)
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4))
     model._forward_module.register_comm_hook(None, counting_allreduce)  # DistributedDataParallel's
@@ -42,8 +43,11 @@ def main(out: Path, mode: str) -> None:
         sam_step(fabric, model, optimizer, lambda i=i: F.cross_entropy(model(x[i]), y[i]), method,
                  sync_perturbation=mode == "sync")  # fmt: skip
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.save({"state": state, "allreduces": ALLREDUCES}, out / f"rank{fabric.global_rank}.pt")
+    torch.save({"state": state, "allreduces": ALLREDUCES}, out / f"{mode}_rank{fabric.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    for mode in ("local", "sync"):
+        run(fabric, Path(sys.argv[1]), mode)

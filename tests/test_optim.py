@@ -163,3 +163,15 @@ def test_a_single_pass_method_steps_without_a_closure_and_gives_w_back_on_demand
         torch.testing.assert_close(value, reference.state_dict()[key], atol=1e-6, rtol=0, msg=key)
     with pytest.raises(TypeError, match="MomentumSAM takes one pass a step"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("script", ["plain_loop.py", "migrate_from_davda54.py"])
+def test_the_examples_run(script, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    monkeypatch.setattr("sys.argv", [str(path), "--epochs", "1"])
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert ("test accuracy" in out and "skipped steps 0" in out) if script == "plain_loop.py" else "epoch 0" in out
