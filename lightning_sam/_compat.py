@@ -28,6 +28,7 @@ __all__ = [
     "metric_counters",
     "set_metric_counters",
     "should_update_logs",
+    "tensor_version",
 ]
 
 #: Base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy variants (torch.nn.modules.batchnorm).
@@ -62,6 +63,11 @@ def loss_scale(scaler: Any) -> Tensor | float:
     """
     scale = scaler._get_scale_async()
     return scaler.get_scale() if scale is None else scale
+
+
+def tensor_version(tensor: Tensor) -> int:
+    """How many times ``tensor`` was written in place (``Tensor._version``, autograd's counter)."""
+    return tensor._version
 
 
 def flag_non_finite_(tensors: list[Tensor], found: Tensor, one: Tensor) -> None:

@@ -103,11 +103,39 @@ def sam_step(
         distributed=distributed,
     )
     group = raw.param_groups[0]
+    count = int(group.get(_STEP_KEY, 0))
 
     def backward(loss: Tensor) -> None:
         fabric.backward(loss, model=model)
 
-    with update.step_(int(group.get(_STEP_KEY, 0)), raw):
+    def stepped(*_: Any) -> None:  # the optimizer stepped: an exception after it (a callback) undoes nothing
+        update.end_()
+        group[_STEP_KEY] = count + 1
+
+    handle = raw.register_step_post_hook(stepped)
+    try:
+        loss = _passes(fabric, model, raw, optimizer, closure, method, update, context, count, backward)
+    finally:
+        handle.remove()
+    group[_STEP_KEY] = count + 1  # also when the GradScaler skipped the optimizer's step
+    return loss.detach()
+
+
+def _passes(
+    fabric: Fabric,
+    model: Any,
+    raw: torch.optim.Optimizer,
+    optimizer: Any,
+    closure: Callable[[], Tensor],
+    method: Method,
+    update: SAMUpdate,
+    context: StepContext,
+    count: int,
+    backward: Callable[[Tensor], None],
+) -> Tensor:
+    """The passes, the finite check and the optimizer step of one update (an exception puts ``w`` back)."""
+    group = raw.param_groups[0]
+    with update.step_(count, raw):
         raw.zero_grad(set_to_none=True)
         if not update.is_sam_step:
             loss = closure()
@@ -124,7 +152,7 @@ def sam_step(
         else:
 
             def local() -> Any:  # DDP reads its sync flag at forward time: the clean forward goes inside too
-                keep_local = distributed and not context.syncs_clean
+                keep_local = context.distributed and not context.syncs_clean
                 return fabric.no_backward_sync(model, enabled=True) if keep_local else nullcontext()
 
             with local():
@@ -149,10 +177,11 @@ def sam_step(
                 loss_scale=context.loss_scale(),
                 on_plain_step=context.averaging_local_clean([p for g in raw.param_groups for p in g["params"]]),
             )
-        update.close_(raw, any_rank=context.any_rank, scaler=context.scaler is not None)
+        update.close_(
+            raw, any_rank=context.any_rank, scaler=context.scaler is not None, loss_scale=context.loss_scale()
+        )
         optimizer.step()
-    group[_STEP_KEY] = int(group.get(_STEP_KEY, 0)) + 1
-    return loss.detach()
+    return loss
 
 
 def sam_step_stats(optimizer: torch.optim.Optimizer) -> SAMStepStats | None:

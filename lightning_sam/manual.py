@@ -140,7 +140,9 @@ def sam_step(
                 loss_scale=context.loss_scale(),
                 on_plain_step=context.averaging_local_clean([p for g in raw.param_groups for p in g["params"]]),
             )
-        update.close_(raw, any_rank=context.any_rank, scaler=context.scaler is not None)
+        update.close_(
+            raw, any_rank=context.any_rank, scaler=context.scaler is not None, loss_scale=context.loss_scale()
+        )
         optimizer.step()
     group[_STEP_KEY] = int(group.get(_STEP_KEY, 0)) + 1
     return loss.detach()

@@ -361,7 +361,12 @@ class SAMLightningModule(pl.LightningModule):
             finally:
                 self._sam_pass.last_micro_batch = False
             # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
-            update.close_(trainer.optimizers[0], any_rank=context.any_rank, scaler=context.scaler is not None)
+            update.close_(
+                trainer.optimizers[0],
+                any_rank=context.any_rank,
+                scaler=context.scaler is not None,
+                loss_scale=context.loss_scale(),
+            )
             return result
 
         with update.guarded():

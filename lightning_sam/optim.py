@@ -24,6 +24,7 @@ Three ways to call it:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_sam._compat import tensor_version
 from lightning_sam.core.update import SAMStepStats, SAMUpdate
 from lightning_sam.methods import ASAM as _ASAM
 from lightning_sam.methods import SAM as _SAMMethod
@@ -51,8 +53,9 @@ class SAM(torch.optim.Optimizer):
         method: any method of this package instead (``rho`` and ``adaptive`` are then unused):
             ``GSAM(...)``, ``MomentumSAM(...)``, ``RWP(...)``, ...
         module: the model, if BatchNorm statistics should stay frozen in the perturbed pass of
-            ``step(closure)`` (torchmetrics states put back) and buffers be restored on a skip; davda54's
-            file leaves them to you.
+            ``step(closure)`` (torchmetrics states put back) and a skip should put its buffers back as
+            they were before the step's first training forward (a forward pre-hook notes when that is);
+            davda54's file leaves them to you.
         **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
 
     Example::
@@ -96,6 +99,9 @@ class SAM(torch.optim.Optimizer):
         self._update = SAMUpdate(method)
         self._steps = 0
         self._ascended = False
+        self._seen: list[tuple[weakref.ref[torch.Tensor], int]] = []  # the gradients the last step ended with
+        if module is not None:  # the buffers as they are before the clean forward, for a skip to put back
+            module.register_forward_pre_hook(_opens_before_training_forward(weakref.ref(self)))
 
     # ------------------------------------------------------------------ what a step reports
     @property
@@ -117,6 +123,8 @@ class SAM(torch.optim.Optimizer):
         default) the perturbed gradient is added to it, as in davda54's file.
         """
         self._require_two_passes("first_step")
+        if self._update.unperturbed():  # a first_step whose second_step never came (its pass raised): undo it
+            self._update.abort_()
         update = self._open()
         lr = self.param_groups[0]["lr"]
         self._ascended = update.is_sam_step and update.ascend_(self.base_optimizer, None, None, lr=lr)
@@ -159,8 +167,7 @@ class SAM(torch.optim.Optimizer):
         update = self._open()
         loss = None
         with update.guarded():
-            has_gradient = any(p.grad is not None for g in self.param_groups for p in g["params"])
-            if not has_gradient:  # the clean pass is ours too
+            if not self._fresh_gradients():  # the clean pass is ours too
                 self.zero_grad()
                 loss = run()
             if update.is_sam_step and update.ascend_(self.base_optimizer, loss, None, lr=self.param_groups[0]["lr"]):
@@ -184,7 +191,7 @@ class SAM(torch.optim.Optimizer):
         if not update.is_open:  # the first step: its forward and backward were at w
             update = self._open()
         with update.guarded():  # the forward and backward just run were at w + e (or w): w back, the step
-            update.unperturb_(torch.zeros(()))
+            update.unperturb_(None)  # the pass was yours: its loss is not seen here
             self._finish()
         update = self._open()  # the next update: w + e for the next forward
         with update.guarded():
@@ -196,15 +203,14 @@ class SAM(torch.optim.Optimizer):
     def unperturbed(self) -> Iterator[None]:
         """Single-pass methods: ``w`` inside (validation, checkpoints), ``w + e`` again after."""
         update = self._update
-        moved = update.is_open and self.method.single_pass and update.unperturbed()
+        moved = update.is_open and self.method.single_pass and bool(update.unperturbed())
         if moved:
-            update.restore_()
+            update.swap_weights_()
         try:
             yield
         finally:
-            if moved:
-                with torch.no_grad():
-                    update.perturb_(self.base_optimizer, lr=self.param_groups[0]["lr"])
+            if moved:  # the same w + e again, bit for bit
+                update.swap_weights_()
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -224,8 +230,14 @@ class SAM(torch.optim.Optimizer):
         """Restore what :meth:`state_dict` returned (or a plain state dict of the base optimizer)."""
         state = dict(state_dict)
         ours = state.pop("lightning_sam", None)
+        if self._update.is_open:  # a pending single-pass perturbation is dropped, not undone: load the model too
+            self._update.end_()
+        kept = [{k: g[k] for k in ("rho", "adaptive") if k in g} for g in self.param_groups]
         self.base_optimizer.load_state_dict(state)
         self.param_groups = self.base_optimizer.param_groups
+        for group, extra in zip(self.param_groups, kept):  # a plain state dict has no "rho": keep the groups' own
+            for key, value in extra.items():
+                group.setdefault(key, value)
         if ours is not None:
             self.method.load_state_dict(ours["method"])
             self._steps = int(ours["steps"])
@@ -244,7 +256,22 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()  # with no gradient left after a skip, torch's optimizers change nothing
         update.end_()
         self._steps += 1
+        self._seen = [(weakref.ref(p.grad), tensor_version(p.grad)) for p in self._params() if p.grad is not None]
         return skipped
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _fresh_gradients(self) -> bool:
+        """Whether ``.grad`` holds gradients from a backward since the last step (not the last step's own)."""
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if not grads:
+            return False
+        seen = self._seen
+        stale = len(grads) == len(seen) and all(
+            ref() is g and tensor_version(g) == v for g, (ref, v) in zip(grads, seen)
+        )
+        return not stale
 
     def _require_two_passes(self, name: str) -> None:
         if self.method.single_pass:
@@ -254,3 +281,17 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The base optimizer's ``zero_grad`` (the groups are shared)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def _opens_before_training_forward(ref: weakref.ref[SAM]) -> Callable[..., None]:
+    """A forward pre-hook: the first training forward of a step opens the update (its buffers are saved then).
+
+    It holds the optimizer weakly (a deep copy of the model shares the hook and keeps no optimizer alive).
+    """
+
+    def hook(module: nn.Module, args: Any) -> None:
+        optimizer = ref()
+        if optimizer is not None and module.training and torch.is_grad_enabled() and not optimizer._update.is_open:
+            optimizer._open()
+
+    return hook

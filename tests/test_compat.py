@@ -13,6 +13,7 @@ from lightning_sam._compat import (
     metric_counters,
     set_metric_counters,
     should_update_logs,
+    tensor_version,
 )
 from tests.helpers import Classifier, make_loader, trainer
 
@@ -77,3 +78,12 @@ def test_grad_sync_toggles_ddp_and_leaves_other_models_alone(tmp_path):
         assert ddp.require_backward_grad_sync
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_tensor_version_counts_in_place_writes():
+    t = torch.zeros(3)
+    before = tensor_version(t)
+    t.add_(1)
+    assert tensor_version(t) == before + 1
+    t.clone()
+    assert tensor_version(t) == before + 1

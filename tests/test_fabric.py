@@ -238,3 +238,54 @@ def test_the_example_runs_and_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(path), run_name="__main__")
     assert "epoch 0: loss" in capsys.readouterr().out
     assert set(torch.load(tmp_path / "fabric_sam.ckpt", weights_only=True)) >= {"model", "optimizer", "sam"}
+
+
+def test_adaptive_rwp_keeps_its_statistics_unscaled_under_a_grad_scaler():
+    from lightning_sam import RWP
+
+    def fisher(**kwargs):
+        fabric = _fabric(**kwargs)
+        net = make_net(batchnorm=False)
+        model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
+        method = RWP(sigma=0.01, eta=0.1, seed=0)
+        x, y = next(iter(make_loader(batch_size=16)))
+        for _ in range(4):
+            sam_step(fabric, model, optimizer, lambda: F.cross_entropy(model(x), y), method)
+        return torch.cat([f.flatten() for f in method.state.fisher.lookup().values()])
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled, full = fisher(plugins=MixedPrecision("16-mixed", "cpu", scaler=scaler)), fisher()
+    assert ((scaled - full).norm() / full.norm()).item() < 0.05  # float16's rounding, not 2^24 times larger
+
+
+def test_an_exception_after_the_optimizer_stepped_keeps_the_step():
+    class Failing:
+        def on_after_optimizer_step(self, strategy, optimizer):
+            raise RuntimeError("a logging callback failed")
+
+    fabric = _fabric(callbacks=[Failing()])
+    net = make_net(batchnorm=False)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    x, y = next(iter(make_loader(batch_size=16)))
+    before = net[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="a logging callback failed"):
+        sam_step(fabric, model, optimizer, lambda: F.cross_entropy(model(x), y), SAM(0.05))
+    # weights and momentum agree: the step happened and counts
+    assert not torch.equal(net[0].weight, before) and optimizer.state[net[0].weight]["momentum_buffer"] is not None
+    assert optimizer.param_groups[0]["sam_steps"] == 1
+
+
+def test_an_optimizer_set_up_and_dropped_is_freed():
+    import gc
+    import weakref
+
+    fabric = _fabric()
+    net = make_net(batchnorm=False)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = next(iter(make_loader(batch_size=16)))
+    loss = F.cross_entropy
+    sam_step(fabric, model, optimizer, lambda: loss(model(x), y), SAM(0.05))  # noqa: F821 (deleted below)
+    raw = weakref.ref(optimizer.optimizer)
+    del model, optimizer
+    gc.collect()
+    assert raw() is None  # a sweep that sets up many runs in one process does not keep them all

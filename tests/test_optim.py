@@ -175,3 +175,130 @@ def test_the_examples_run(script, monkeypatch, capsys):
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert ("test accuracy" in out and "skipped steps 0" in out) if script == "plain_loop.py" else "epoch 0" in out
+
+
+def test_a_closure_that_zeroes_its_own_gradients_gets_both_passes_every_step():
+    net, reference = make_net(), make_net()
+    batches = list(make_loader(batch_size=16))[:3]
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    ref_opt = SAM(reference.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    losses = []
+    for x, y in batches:
+
+        def closure(x=x, y=y):  # torch's idiom: zero_grad inside, none between steps
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        losses.append(opt.step(closure))  # the last step's gradients are not taken for this step's clean ones
+
+        def ref_closure(x=x, y=y):
+            loss = F.cross_entropy(reference(x), y)
+            loss.backward()
+            return loss
+
+        ref_opt.zero_grad()  # zeroed between steps: both passes run in step
+        ref_opt.step(ref_closure)
+    assert all(loss is not None for loss in losses)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_first_step_after_a_failed_perturbed_pass_starts_again_from_w():
+    net = make_net(batchnorm=False)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.0)  # lr 0: w must never move
+    x, y = next(iter(make_loader(batch_size=16)))
+    w0 = copy.deepcopy(net.state_dict())
+    F.cross_entropy(net(x), y).backward()
+    opt.first_step(zero_grad=True)  # then the perturbed pass fails (out of memory), the loop goes on
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.second_step(zero_grad=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, w0[key]), key
+    assert opt.last_step is not None and opt.last_step.eps_norm.item() == pytest.approx(0.05)
+
+
+def test_a_skip_in_the_two_call_loop_puts_batchnorm_statistics_back_with_module():
+    net = make_net()
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, module=net, **_sgd())
+    x, y = next(iter(make_loader(batch_size=16)))
+    before = copy.deepcopy(net.state_dict())
+    bad = x.clone()
+    bad[0, 0] = float("inf")  # the clean forward writes inf into the running statistics
+    F.cross_entropy(net(bad), y).backward()
+    with pytest.warns(RuntimeWarning, match="skipped the update"):
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(net(bad), y).backward()
+        assert opt.second_step(zero_grad=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_loading_a_state_dict_drops_a_pending_perturbation_and_keeps_the_groups_rho():
+    net = make_net(batchnorm=False)
+    groups = [{"params": net[0].parameters(), "rho": 0.0}, {"params": net[2].parameters()}]
+    opt = SAM(groups, torch.optim.SGD, method=MomentumSAM(rho=0.5), **_sgd())
+    batches = list(make_loader(batch_size=16))
+    for x, y in batches[:2]:
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    with opt.unperturbed():
+        saved = copy.deepcopy({"model": net.state_dict(), "optimizer": opt.state_dict()})
+    for x, y in batches[2:4]:
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    net.load_state_dict(saved["model"])  # roll back in the same process
+    opt.load_state_dict(saved["optimizer"])
+    opt.restore()  # nothing pending any more: the loaded weights stay
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, saved["model"][key]), key
+    plain = {k: v for k, v in saved["optimizer"].items() if k != "lightning_sam"}
+    plain["param_groups"] = [{k: v for k, v in g.items() if k != "rho"} for g in plain["param_groups"]]
+    opt.load_state_dict(plain)  # a base optimizer's own state dict: the groups keep their rho
+    assert [g["rho"] for g in opt.param_groups] == [0.0, 0.5]
+
+
+def test_looking_at_w_between_single_pass_steps_changes_nothing():
+    from lightning_sam import RhoSchedule
+
+    runs = []
+    for look in (False, True):
+        net = make_net(batchnorm=False)
+        method = MomentumSAM(rho=0.5, rho_schedule=RhoSchedule("lr", lr_max=0.1))
+        opt = SAM(net.parameters(), torch.optim.SGD, method=method, **_sgd())
+        scheduler = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+        for x, y in list(make_loader(batch_size=16))[:4]:
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            scheduler.step()
+            if look:
+                with opt.unperturbed():
+                    pass
+        runs.append(copy.deepcopy(net.state_dict()))
+    for key, value in runs[0].items():
+        assert torch.equal(runs[1][key], value), key
+
+
+def test_the_two_call_loop_reports_its_step_and_the_closure_free_one_no_made_up_loss():
+    net = make_net(batchnorm=False)
+    x, y = next(iter(make_loader(batch_size=16)))
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **_sgd())
+    F.cross_entropy(net(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.second_step(zero_grad=True)
+    stats = opt.last_step
+    assert stats.grad_norm.item() > 0 and stats.perturbed_loss is None and stats.sharpness is None
+    single = SAM(net.parameters(), torch.optim.SGD, method=MomentumSAM(rho=0.5), **_sgd())
+    for _ in range(3):
+        F.cross_entropy(net(x), y).backward()
+        single.step()
+        single.zero_grad()
+    assert single.last_step.perturbed_loss is None and single.last_step.eps_norm.item() == pytest.approx(0.5)

@@ -66,6 +66,21 @@ class WeightBackup:
             _forget_autocast_casts()
         self._perturbed = False
 
+    def swap_(self) -> None:
+        """Exchange the weights and the saved copy (``w + e`` and ``w``), bit for bit; twice is a no-op.
+
+        One tensor's worth of extra memory at a time. Nothing happens when no copy is held.
+        """
+        if not (self._holds_copy and self._params):
+            return
+        with torch.no_grad():
+            for p, saved in zip(self._params, self._saved):
+                held = p.clone()
+                p.copy_(saved)
+                saved.copy_(held)
+        self._perturbed = not self._perturbed
+        _forget_autocast_casts()
+
     def unperturbed(self) -> dict[int, Tensor]:
         """While the weights are at ``w + e``: ``{id(parameter): its saved w}``; else empty."""
         return {id(p): s for p, s in zip(self._params, self._saved)} if self._perturbed else {}

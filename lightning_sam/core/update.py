@@ -23,6 +23,7 @@ the mixin, whose update spans several of Lightning's hooks, guards each with :me
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,8 +52,8 @@ class SAMStepStats(NamedTuple):
 
     loss: Tensor | None
     """L(w), the clean loss (``None`` for single-pass methods: they never evaluate the loss at ``w``)."""
-    perturbed_loss: Tensor
-    """L(w + e), the loss at the perturbed weights."""
+    perturbed_loss: Tensor | None
+    """L(w + e), the loss at the perturbed weights (``None`` where the perturbed pass was the caller's own)."""
     grad_norm: Tensor | None
     """||g|| of the clean gradient, unscaled under AMP (for ASAM: ||T g||; Momentum-SAM: ||v||; RWP: None)."""
     eps_norm: Tensor
@@ -62,8 +63,8 @@ class SAMStepStats(NamedTuple):
 
     @property
     def sharpness(self) -> Tensor | None:
-        """L(w + e) - L(w) (``None`` without the clean loss)."""
-        return None if self.loss is None else self.perturbed_loss - self.loss
+        """L(w + e) - L(w) (``None`` without both losses)."""
+        return None if self.loss is None or self.perturbed_loss is None else self.perturbed_loss - self.loss
 
     def as_dict(self) -> dict[str, Tensor | float]:
         """The figures under their logged names (those a single-pass step has no value for are left out)."""
@@ -115,7 +116,7 @@ class SAMUpdate:
         self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
         self._layout: ModuleLayout | None = None
         self._params: list[Tensor] = []  # the optimizer's, in param-group order
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None  # weak: no cycle through a front end's key
         self._end_state()
 
     def _end_state(self) -> None:
@@ -160,12 +161,12 @@ class SAMUpdate:
         """The parameters ``optimizer`` holds now, in param-group order (the method rebinds when they change)."""
         check_param_groups(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if optimizer is not self._optimizer or not same_tensors(params, self._params):
+        if self._optimizer is None or optimizer is not self._optimizer() or not same_tensors(params, self._params):
             for p in params:
                 if p.is_complex():
                     raise TypeError(f"SAM does not support complex parameters: the optimizer holds a {p.dtype} one.")
             self.method.check_optimizer(optimizer)
-            self._params, self._optimizer = params, optimizer
+            self._params, self._optimizer = params, weakref.ref(optimizer)
             self.method.bind_(params)
 
     # ------------------------------------------------------------------ per update
@@ -290,8 +291,9 @@ class SAMUpdate:
         self._weights.restore_()  # w <- saved w
         self.method.descent_(self._params)
         loss, grad_norm, eps_norm, rho = self._pending
+        self.last = SAMStepStats(loss, None if perturbed_loss is None else perturbed_loss.detach(), grad_norm,
+                                 eps_norm, rho)  # fmt: skip
         if perturbed_loss is not None:
-            self.last = SAMStepStats(loss, perturbed_loss.detach(), grad_norm, eps_norm, rho)
             self._losses.append(perturbed_loss.detach())
 
     # ------------------------------------------------------------------ the single-pass route
@@ -318,17 +320,28 @@ class SAMUpdate:
         self._pending = (None, ascent.grad_norm, ascent.eps_norm, rho)
         return True
 
-    def unperturb_(self, loss: Tensor) -> None:
-        """Single-pass methods, after the backward at ``w + e`` (``loss``: ``L(w + e)``): ``w`` restored bit for bit."""
+    def unperturb_(self, loss: Tensor | None) -> None:
+        """Single-pass methods, after the backward at ``w + e``: ``w`` restored bit for bit.
+
+        ``loss``: ``L(w + e)``, or ``None`` when the caller ran the pass itself and checks no loss.
+        """
         self._weights.restore_()
-        self._losses.append(loss.detach())
+        if loss is not None:
+            self._losses.append(loss.detach())
         if self._pending is not None:
             _, grad_norm, eps_norm, rho = self._pending
-            self.last = SAMStepStats(None, loss.detach(), grad_norm, eps_norm, rho)
+            self.last = SAMStepStats(None, None if loss is None else loss.detach(), grad_norm, eps_norm, rho)
 
     def restore_(self) -> None:
         """Single-pass methods: ``w`` back after a pass that had no backward (a ``training_step`` returning None)."""
         self._weights.restore_()
+
+    def swap_weights_(self) -> None:
+        """Exchange the weights and their saved copy, bit for bit: ``w + e`` <-> ``w``.
+
+        For a loop that looks at ``w`` between single-pass steps, then goes on at the same ``w + e``.
+        """
+        self._weights.swap_()
 
     def single_pass_(
         self, optimizer: torch.optim.Optimizer, run: Callable[[], Tensor], lr: float | None = None
@@ -353,6 +366,7 @@ class SAMUpdate:
         optimizer: torch.optim.Optimizer,
         any_rank: Callable[[bool], bool] = bool,
         scaler: bool = False,
+        loss_scale: Tensor | float | None = None,
     ) -> bool:
         """End the update before the optimizer step; return whether it was skipped.
 
@@ -360,13 +374,17 @@ class SAMUpdate:
         gradient is not finite (``any_rank`` makes every replica agree). A skipped update puts the
         buffers back and leaves the gradients such that the optimizer step changes nothing: none
         (torch's optimizers skip parameters without one), or, under a GradScaler (``scaler``),
-        a NaN, so that it skips the step and lowers its scale.
+        a NaN, so that it skips the step and lowers its scale. ``loss_scale``: the AMP scale the
+        gradients carry, for a method whose descent reads their size (``Method.descent_unscales``).
         """
         params = [p for p in self._params if p.grad is not None]
         if self._open and not self._sam:
             self.method.plain_descent_(params)
-        elif self._ascended and self.method.single_pass:
-            self.method.descent_(params)  # once per update, with the summed descent gradient (RWP's statistics)
+        elif self._ascended and self.method.single_pass:  # once per update, the summed gradient (RWP's statistics)
+            if self.method.descent_unscales:
+                self.method.descent_(params, grad_scale=loss_scale)  # type: ignore[call-arg]
+            else:
+                self.method.descent_(params)
         grads = [p.grad for p in params]
         # the losses as one new tensor (the check must not write to the caller's), promoted to a common dtype
         checked = [*grads, torch.cat([loss.reshape(-1) for loss in self._losses])] if self._losses else grads

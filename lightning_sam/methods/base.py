@@ -92,6 +92,9 @@ class Method:
     uses_clean_gradient: ClassVar[bool] = False
     #: whether the method decides after the clean backward if a step is a SAM step (:meth:`wants_sam_`)
     adaptive: ClassVar[bool] = False
+    #: whether :meth:`descent_` reads the gradients' size across steps: it is then called with
+    #: ``grad_scale=`` (the AMP loss scale the gradients carry, or ``None``) to see them unscaled
+    descent_unscales: ClassVar[bool] = False
 
     class State:
         """What the method learns while training; the base keeps the clean gradient for methods that use it."""

@@ -60,6 +60,7 @@ class RWP(Method):
     name = "rwp"
     radius_name = "sigma"
     single_pass = True
+    descent_unscales = True
 
     class State(Method.State):
         """The moving sum ``F`` of squared gradients per parameter (ARWP), and the seed in use."""
@@ -121,14 +122,14 @@ class RWP(Method):
 
     @torch.no_grad()
     @override
-    def descent_(self, params: Sequence[Tensor]) -> None:
-        """ARWP: ``F <- beta F + g^2`` with the gradient at ``w + e`` (starting from ``g^2``)."""
+    def descent_(self, params: Sequence[Tensor], grad_scale: Tensor | float | None = None) -> None:
+        """ARWP: ``F <- beta F + g^2`` with the gradient at ``w + e`` (starting from ``g^2``), unscaled under AMP."""
         if not self.eta:
             return
         stored = self.state.fisher.lookup()
         with_grad = [p for p in params if p.grad is not None]
         for p in with_grad:
-            squared = p.grad.square()
+            squared = p.grad.square() if grad_scale is None else (p.grad / grad_scale).square()
             f = stored.get(id(p))
             stored[id(p)] = squared if f is None else f.mul_(self.beta).add_(squared)
         owners = {id(p): p for p in [*self.state.fisher.params, *with_grad]}

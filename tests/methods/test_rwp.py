@@ -98,3 +98,16 @@ def test_it_trains_in_one_pass_a_step_at_the_stated_noise():
 def test_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         RWP(**kwargs)
+
+
+def test_the_adaptive_statistics_are_unscaled_under_a_grad_scaler():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def fisher(**kwargs):
+        method = RWP(sigma=0.01, eta=0.1, seed=0)
+        trainer(max_steps=4, **kwargs).fit(SAMClassifier(sam=method, batchnorm=False), make_loader(batch_size=16))
+        return torch.cat([f.flatten() for f in method.state.fisher.lookup().values()])
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled, full = fisher(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]), fisher()
+    assert ((scaled - full).norm() / full.norm()).item() < 0.05  # float16's rounding, not 2^24 times larger
