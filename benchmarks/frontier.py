@@ -258,6 +258,9 @@ def report(tuned: dict, trials: dict, results: dict, cost: dict, epochs: int, mi
                 f"- {method} ({title}): {100 * share:.0f}% of SAM's gain at {cost.get(method, float('nan')):.2f}x "
                 f"SGD's cost per step (target >= 80% at <= 1.1x): " + ("reached." if ok else "missed.")
             )
+    lines += ["", "Per measurement seed (test accuracy %, best checkpoint / last epoch, seeds in order):", ""]
+    for method, runs in results.items():
+        lines.append(f"- {method}: " + ", ".join(f"{r['test_best']:.1f}/{r['test_last']:.1f}" for r in runs))
     lines += ["", "Tuning (mean validation accuracy % over the tuning seeds, best-checkpoint / last-epoch):", ""]
     for method, method_trials in trials.items():
         cells = [
@@ -301,7 +304,7 @@ def plot(results: dict, cost: dict, path: Path) -> None:
 def write_configs(tuned: dict) -> None:
     """The tuned settings (practitioner's protocol) as the app's configs for experiment=mnist1d_label_noise."""
     CONFIGS.mkdir(parents=True, exist_ok=True)
-    for method, (_, radius, _, option) in METHODS.items():
+    for method, (overrides, radius, _, option) in METHODS.items():
         setting = tuned[method]["best"]
         lines = [
             "# @package _global_",
@@ -309,8 +312,12 @@ def write_configs(tuned: dict) -> None:
             "optimizer:",
             f"  lr: {setting['lr']}  # tuned",
         ]
+        fixed = [o.split("=", 1) for o in overrides if o.startswith("sam.")]  # what the tuning held fixed
+        sam = [f"  {key[4:]}: {value}  # as tuned" for key, value in fixed]
         if radius is not None:
-            lines += ["sam:", f"  {radius[0].split('.')[1]}: {setting['radius']}  # tuned"]
+            sam.append(f"  {radius[0].split('.')[1]}: {setting['radius']}  # tuned")
+        if sam:
+            lines += ["sam:", *sam]
         (CONFIGS / f"{option}.yaml").write_text("\n".join(lines) + "\n")
 
 

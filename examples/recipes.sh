@@ -18,7 +18,7 @@ python -m lightning_sam.train sam=sam optimizer=adamw optimizer.lr=3e-3
 python -m lightning_sam.train sam=none
 
 # Label noise: 40% of the training labels replaced by wrong ones, SAM against plain SGD.
-python -m lightning_sam.train -m experiment=mnist1d_label_noise sam=sam,none
+python -m lightning_sam.train -m experiment=mnist1d_label_noise sam=none,asam,msam   # each at its own tuned setting
 
 # Gradient accumulation and clipping: the Trainer's own, with SAM as without (each micro-batch its own e).
 python -m lightning_sam.train trainer.accumulate_grad_batches=4 trainer.gradient_clip_val=1.0

@@ -97,3 +97,5 @@ def test_frontier_tunes_measures_paired_seeds_and_reports_its_targets(tmp_path):
     assert re.search(r"an SGD run takes \d+ s: about \d+ min", out)  # the plan, printed first
     costs = re.findall(r"\| (\d+\.\d\d)x \|", text)
     assert len(costs) == 6 and all(float(c) > 0 for c in costs)
+    seeds = re.search(r"^- Momentum-SAM: (.*)$", text.split("Per measurement seed")[1], flags=re.MULTILINE).group(1)
+    assert re.fullmatch(r"\d+\.\d/\d+\.\d(, \d+\.\d/\d+\.\d)*", seeds)  # one pair per measurement seed
