@@ -99,3 +99,6 @@ def test_frontier_tunes_measures_paired_seeds_and_reports_its_targets(tmp_path):
     assert len(costs) == 6 and all(float(c) > 0 for c in costs)
     seeds = re.search(r"^- Momentum-SAM: (.*)$", text.split("Per measurement seed")[1], flags=re.MULTILINE).group(1)
     assert re.fullmatch(r"\d+\.\d/\d+\.\d(, \d+\.\d/\d+\.\d)*", seeds)  # one pair per measurement seed
+    tuning = text.split("Tuning (")[1]
+    assert "confirmed on [101]" in text and all(f"- {m} (" in tuning for m in ("SGD", "SAM", "Momentum-SAM"))
+    assert tuning.count(" [2]") >= 3  # each method's best, run on the second tuning seed too
