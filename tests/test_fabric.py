@@ -289,3 +289,25 @@ def test_an_optimizer_set_up_and_dropped_is_freed():
     del model, optimizer
     gc.collect()
     assert raw() is None  # a sweep that sets up many runs in one process does not keep them all
+
+
+def test_strategies_that_cannot_place_the_two_passes_are_refused_before_any_work():
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+    fabric = _fabric()
+    net = make_net(batchnorm=False)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    before = copy.deepcopy(net.state_dict())
+    calls = []
+
+    def loss():
+        calls.append(1)
+        return F.cross_entropy(model(torch.randn(4, 6)), torch.zeros(4, dtype=torch.long))
+
+    static = _fabric(strategy=DDPStrategy(static_graph=True))
+    with pytest.raises(ValueError, match=r"static_graph=True.*sync_perturbation=True"):
+        sam_step(static, model, optimizer, loss, SAM(0.05))
+    sharded = _fabric(strategy=ModelParallelStrategy(parallelize_fn=lambda module, mesh: module))
+    with pytest.raises(ValueError, match=r"ModelParallelStrategy.*sync_perturbation=True"):
+        sam_step(sharded, model, optimizer, loss, SAM(0.05))
+    assert not calls and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
