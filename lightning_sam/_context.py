@@ -1,6 +1,6 @@
 """What the SAM step needs to know from Lightning's Trainer, decided in one place for the mixin and ``sam_step``.
 
-The four decisions both front ends make at each step: how the replicas agree on a flag (a skip, a
+The four decisions the front ends make at each step: how the replicas agree on a flag (a skip, a
 SAM step), whether the clean gradient is averaged over them, the AMP loss scale, and whether a
 clean gradient kept local must be averaged after an adaptive method chose a plain step.
 """
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_sam._compat import active_scaler, loss_scale
 from lightning_sam.core.tensors import all_reduce_mean_, is_distributed_ddp
+from lightning_sam.core.update import SAMUpdate
 from lightning_sam.methods.base import Method
 
 __all__ = ["StepContext"]
@@ -62,3 +63,34 @@ class StepContext:
         if self.syncs_clean or not self.distributed:
             return None
         return lambda: self.average_(params)
+
+    def passes_(
+        self,
+        update: SAMUpdate,
+        optimizer: Any,
+        loss: Tensor,
+        clean_backward: Callable[[], None],
+        perturbed_pass: Callable[[], Tensor],
+        plain_step_params: Iterable[Tensor] | None,
+    ) -> None:
+        """Run ``update``'s two passes in this context.
+
+        ``plain_step_params``: what a plain step chosen by an adaptive method must average when the clean
+        gradient was kept local (``None``: nothing to average).
+        """
+        update.passes_(
+            optimizer,
+            loss,
+            clean_backward,
+            perturbed_pass,
+            lr=optimizer.param_groups[0]["lr"],
+            any_rank=self.any_rank,
+            loss_scale=self.loss_scale(),
+            on_plain_step=None if plain_step_params is None else self.averaging_local_clean(plain_step_params),
+        )
+
+    def close_(self, update: SAMUpdate, optimizer: Any) -> bool:
+        """``update.close_`` in this context: the skip decided over every replica, with the loss scale."""
+        return update.close_(
+            optimizer, any_rank=self.any_rank, scaler=self.scaler is not None, loss_scale=self.loss_scale()
+        )

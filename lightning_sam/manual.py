@@ -130,19 +130,9 @@ def sam_step(
                 module.manual_backward(perturbed_loss)
                 return perturbed_loss
 
-            update.passes_(
-                raw,
-                loss,
-                clean_backward,
-                perturbed_pass,
-                lr=group["lr"],
-                any_rank=context.any_rank,
-                loss_scale=context.loss_scale(),
-                on_plain_step=context.averaging_local_clean([p for g in raw.param_groups for p in g["params"]]),
-            )
-        update.close_(
-            raw, any_rank=context.any_rank, scaler=context.scaler is not None, loss_scale=context.loss_scale()
-        )
+            params = [p for g in raw.param_groups for p in g["params"]]
+            context.passes_(update, raw, loss, clean_backward, perturbed_pass, plain_step_params=params)
+        context.close_(update, raw)
         optimizer.step()
     group[_STEP_KEY] = int(group.get(_STEP_KEY, 0)) + 1
     return loss.detach()

@@ -361,12 +361,7 @@ class SAMLightningModule(pl.LightningModule):
             finally:
                 self._sam_pass.last_micro_batch = False
             # the step's one host sync; under DDP every replica skips if any must, so weights stay equal
-            update.close_(
-                trainer.optimizers[0],
-                any_rank=context.any_rank,
-                scaler=context.scaler is not None,
-                loss_scale=context.loss_scale(),
-            )
+            context.close_(update, trainer.optimizers[0])
             return result
 
         with update.guarded():
@@ -404,17 +399,9 @@ class SAMLightningModule(pl.LightningModule):
             return perturbed_loss
 
         clean_loss = self._sam_pass.clean_loss if self._sam_pass.clean_loss is not None else loss
-        update.passes_(
-            optimizer,
-            clean_loss,
-            clean_backward,
-            perturbed_pass,
-            lr=optimizer.param_groups[0]["lr"],
-            any_rank=context.any_rank,
-            loss_scale=context.loss_scale(),
-            # an adaptive method chose a plain step: a clean pass kept local must now be averaged
-            on_plain_step=context.averaging_local_clean(self.parameters()) if last else None,
-        )
+        # an adaptive method chose a plain step: a clean pass kept local must now be averaged (at the last micro-batch)
+        plain_step_params = list(self.parameters()) if last else None
+        context.passes_(update, optimizer, clean_loss, clean_backward, perturbed_pass, plain_step_params)
 
 
 @dataclass(slots=True)
