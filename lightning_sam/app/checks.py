@@ -35,8 +35,8 @@ __all__ = [
     "check_monitors",
     "check_optimization",
     "check_schedule",
+    "check_batch_limits",
     "check_top_level",
-    "check_validation_interval",
     "choices",
     "enabled",
     "is_int",
@@ -64,11 +64,74 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        raise ConfigError(f"Invalid `{key}` config: {_name_keys(str(cause), node, key)}") from cause
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        unexpected = _unexpected_argument(reason, node, key)
+        if unexpected:
+            raise ConfigError(unexpected) from cause
+        named = _name_keys(reason, node, key)
+        if f"`{key}." not in named:  # the message names no key: the one whose return to its default lets it build
+
+            def attempt(trial: DictConfig) -> None:
+                instantiate(trial, **kwargs)
+
+            culprits = _culprits(node, key, attempt)
+            if culprits:
+                raise ConfigError(f"Invalid `{'`, `'.join(culprits)}`: {named}") from cause
+        raise ConfigError(f"Invalid `{key}` config: {named}") from cause
+
+
+def _arguments(target: str) -> list[str]:
+    """The keyword arguments the class ``target`` takes (through ``**kwargs`` to its bases' ``__init__``)."""
+    try:
+        cls = get_class(target)
+    except (ImportError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__ if isinstance(cls, type) else (cls,):
+        try:
+            parameters = inspect.signature(klass).parameters.values()
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(n for n in names if n not in ("self", "params")))  # params: the model's
+
+
+def _unexpected_argument(reason: str, node: Any, key: str) -> str | None:
+    """``+optimizer.foo=1``: the full key named, with the arguments its class takes (``None``: not that)."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if found is None or not isinstance(node, DictConfig) or found.group(1) not in node:
+        return None
+    name, target = found.group(1), str(node.get("_target_"))
+    accepted = _arguments(target)
+    listed = f"; it takes: {', '.join(accepted)}" if accepted else ""
+    return f"`{key}.{name}` is not an argument of {target}{listed}."
+
+
+def _culprits(node: DictConfig, key: str, attempt: Any) -> list[str]:
+    """``key.name=value`` for each argument whose return to the class's default lets ``attempt(node)`` pass."""
+    culprits = []
+    for name, default in _defaults(str(node.get("_target_"))).items():
+        if name not in node or node[name] == default:
+            continue
+        trial = node.copy()
+        with open_dict(trial):
+            trial[name] = default
+        try:
+            attempt(trial)
+        except Exception:  # this key alone does not explain it
+            continue
+        culprits.append(f"{key}.{name}={show(node[name])}")
+    return culprits
 
 
 def _leaf_keys(node: Any, prefix: str) -> dict[str, str]:
-    """``{name: how to name it}`` for every key below ``node``: its full key, or the key it interpolates from."""
+    """``{name: how to name it}`` for every key below ``node``: its full key, or the key it interpolates from.
+
+    An argument of a node's class that the config leaves out is named where it would go
+    (``sam.rho_schedule.total_steps``).
+    """
     found: dict[str, str] = {}
     if not isinstance(node, DictConfig):
         return found
@@ -79,6 +142,9 @@ def _leaf_keys(node: Any, prefix: str) -> dict[str, str]:
         found.setdefault(str(name), f"`{source.group(1)}` (through `{full}`)" if source else f"`{full}`")
         for sub, named in _leaf_keys(node._get_node(name), full).items():
             found.setdefault(sub, named)
+    if node.get("_target_") is not None:
+        for name in _arguments(str(node._target_)):
+            found.setdefault(name, f"`{prefix}.{name}`")
     return found
 
 
@@ -128,6 +194,14 @@ def check_top_level(cfg: DictConfig) -> None:
          "-1 or an int >= 1"),
         ("trainer.limit_train_batches", cfg.trainer.get("limit_train_batches", 1.0),
          lambda v: is_number(v) and v > 0, "a positive number (0 would train nothing)"),
+        ("trainer.limit_val_batches", cfg.trainer.get("limit_val_batches", 1.0),
+         lambda v: is_number(v) and v >= 0, "a non-negative number (0: no validation)"),
+        ("trainer.limit_test_batches", cfg.trainer.get("limit_test_batches", 1.0),
+         lambda v: is_number(v) and v >= 0, "a non-negative number"),
+        ("trainer.log_every_n_steps", cfg.trainer.get("log_every_n_steps", 50), lambda v: is_int(v, 0),
+         "an int >= 0 (0: no logging by step)"),
+        ("trainer.deterministic", cfg.trainer.get("deterministic"),
+         lambda v: v is None or isinstance(v, bool) or v == "warn", "true, false, warn or null"),
         ("trainer.check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch", 1),
          lambda v: v is None or is_int(v, 1), "null or an int >= 1"),
         ("trainer.val_check_interval", cfg.trainer.get("val_check_interval"),
@@ -292,18 +366,17 @@ def _blame(cfg: DictConfig, groups: tuple[str, ...], attempt: Any, err: Exceptio
         node = cfg[group]
         if not enabled(node):
             continue
-        for name, default in _defaults(node._target_).items():
-            if name not in node or node[name] == default:
-                continue
-            trial = cfg.copy()
-            with open_dict(trial):
-                trial[group] = node.copy()
-                trial[group][name] = default
-            try:
-                attempt(trial)
-            except Exception:  # this key alone does not explain it
-                continue
-            culprits.append(f"{group}.{name}={show(node[name])}")
+        unexpected = _unexpected_argument(reason, node, group)
+        if unexpected:
+            return unexpected
+
+        def attempt_group(trial: DictConfig, group: str = group) -> None:
+            whole = cfg.copy()
+            with open_dict(whole):
+                whole[group] = trial
+            attempt(whole)
+
+        culprits += _culprits(node, group, attempt_group)
     if not culprits:
         targets = ", ".join(str(cfg[g]._target_) for g in groups if enabled(cfg[g]))
         return f"Invalid {' / '.join(f'`{g}`' for g in groups)} config ({targets}): {reason}."
@@ -385,20 +458,37 @@ def check_method_takes_trainer(cfg: DictConfig, model: SAMClassifier, trainer: p
         raise ConfigError(f"`sam={choices(cfg).get('sam', '?')}` cannot train with this Trainer: {message}") from err
 
 
-def check_validation_interval(cfg: DictConfig, datamodule: Any) -> None:
-    """A ``trainer.val_check_interval`` in batches fits in an epoch (Lightning would refuse it at fit)."""
-    interval = cfg.trainer.get("val_check_interval")
-    if not is_int(interval, 1):
-        return
-    datamodule.setup("fit")
-    limit = cfg.trainer.get("limit_train_batches", 1.0)
-    batches = len(datamodule.train_dataloader())
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-    if interval > batches:
+def check_batch_limits(cfg: DictConfig, datamodule: Any) -> None:
+    """Refuse now what Lightning would refuse only at fit or test, after building everything.
+
+    A fraction of the batches (``trainer.limit_*_batches``) that leaves none, and a
+    ``trainer.val_check_interval`` in batches longer than an epoch.
+    """
+    stages = [("train", "fit"), ("val", "fit")] + ([("test", "test")] if cfg.get("test", True) else [])
+    lengths: dict[str, int] = {}
+    for split, stage in stages:
+        limit = cfg.trainer.get(f"limit_{split}_batches", 1.0)
+        if not (isinstance(limit, float) and 0 < limit < 1) and not (split == "train" and _needs_epoch(cfg)):
+            continue
+        datamodule.setup(stage)
+        loader = getattr(datamodule, f"{split}_dataloader")()
+        length = len(loader) if loader is not None else 0
+        lengths[split] = min(length, limit) if isinstance(limit, int) else int(length * limit)
+        if length and lengths[split] == 0:
+            raise ConfigError(
+                f"Expected `trainer.limit_{split}_batches` to leave at least one of the {length} {split} batches, "
+                f"got {limit} (at least {1 / length:.4g}, or a number of batches)."
+            )
+    interval, batches = cfg.trainer.get("val_check_interval"), lengths.get("train")
+    if is_int(interval, 1) and batches is not None and interval > batches:
         raise ConfigError(
             f"Expected `trainer.val_check_interval` to be at most the {batches} training batches of an epoch, got "
             f"{interval} (a float in (0, 1] is a fraction of the epoch)."
         )
+
+
+def _needs_epoch(cfg: DictConfig) -> bool:
+    return is_int(cfg.trainer.get("val_check_interval"), 1)
 
 
 def check_monitors(cfg: DictConfig, logged: set[str]) -> None:

@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CommandLineError", "check_command_line"]
+__all__ = ["CommandLineError", "check_command_line", "is_multirun"]
 
 _CONFIG_MODULE, _CONFIG_NAME = "lightning_sam.configs", "train"
 _MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -32,8 +32,12 @@ class CommandLineError(ValueError):
     """An override cannot be composed, or the run directory cannot be written; the message is one line."""
 
 
-def check_command_line(argv: Sequence[str]) -> None:
+def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     """Compose the config as ``python -m lightning_sam.train *argv`` would; raise on what would fail.
+
+    Returns the composed configs (with their ``hydra`` node): the run's, or for a sweep one per swept
+    value (the others at their first value), so that each job's values can be checked before the first
+    starts; none for a command line left to Hydra.
 
     Raises:
         CommandLineError: an unknown option, a key missing from its group's config (or one given a
@@ -42,16 +46,20 @@ def check_command_line(argv: Sequence[str]) -> None:
     """
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in _MULTIRUN_FLAGS for f in flags):
-        return  # --cfg, --help, --config-name, ...: Hydra's own business
+        return []  # --cfg, --help, --config-name, ...: Hydra's own business
     multirun = bool(flags)
     overrides = [a for a in argv if not a.startswith("-")]
     parsed = _parse(overrides)
-    cfg = None
-    for variant in _variants(overrides, parsed, multirun):
-        cfg = _compose(variant, multirun)
-    if cfg is not None:
-        mode = OmegaConf.to_container(cfg.hydra, resolve=False).get("mode")  # type: ignore[union-attr]
-        _check_run_directory(cfg, multirun or str(mode) in ("MULTIRUN", "RunMode.MULTIRUN"))
+    configs = [_compose(variant, multirun) for variant in _variants(overrides, parsed, multirun)]
+    if configs:
+        _check_run_directory(configs[0], is_multirun(configs[0], multirun))
+    return configs
+
+
+def is_multirun(cfg: DictConfig, flag: bool) -> bool:
+    """Whether ``cfg`` runs as a sweep: ``-m`` given (``flag``) or ``hydra.mode`` set to MULTIRUN."""
+    mode = OmegaConf.to_container(cfg.hydra, resolve=False).get("mode")  # type: ignore[union-attr]
+    return flag or str(mode) in ("MULTIRUN", "RunMode.MULTIRUN")
 
 
 def _parse(overrides: list[str]) -> list:

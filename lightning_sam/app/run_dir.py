@@ -26,6 +26,7 @@ __all__ = [
     "check_run_dir",
     "holding",
     "merge_log_and_remove",
+    "remember_new_folders",
     "remove_if_unused",
     "restore_holders_files",
     "resume_hint",
@@ -101,14 +102,42 @@ def check_run_dir(cfg: DictConfig, resume: Resume) -> None:
         )
 
 
+_NEW_FOLDERS: list[Path] = []  # the folders above the run directory that did not exist before this command
+
+
+def remember_new_folders(cfg: DictConfig | None, multirun: bool) -> None:
+    """Note which folders above the run (or sweep) directory of ``cfg`` do not exist yet (``outputs/train``)."""
+    _NEW_FOLDERS.clear()
+    if cfg is None:
+        return
+    try:
+        where = OmegaConf.select(
+            cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=True
+        )
+    except Exception:  # an interpolation only Hydra's run can resolve: nothing to note
+        return
+    if not isinstance(where, str):
+        return
+    parent = Path(where).absolute().parent
+    _NEW_FOLDERS[:] = [p for p in (parent, *parent.parents) if not p.exists()]
+
+
 def remove_if_unused(run_dir: Path) -> None:
-    """Remove a run directory that holds only what Hydra wrote for a run that never started."""
+    """Remove a run directory that holds only what Hydra wrote for a run that never started.
+
+    The folders above it that this command created (see :func:`remember_new_folders`) go too, if empty.
+    """
     if not run_dir.is_dir():
         return
     lock = run_dir / ".run.lock"
     names = {p.name for p in run_dir.iterdir()} - ({lock.name} if lock.is_file() and not lock.stat().st_size else set())
     if names <= HYDRA_FILES:  # a held lock (not empty) or a copy in .run/: another run's directory
         shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in _NEW_FOLDERS:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run's), or gone
+                break
 
 
 def merge_log_and_remove(hydra_dir: Path, run_dir: Path) -> None:

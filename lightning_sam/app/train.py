@@ -22,14 +22,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -38,24 +41,25 @@ from lightning_sam.app.checks import (
     ConfigError,
     build,
     build_trainer,
+    check_batch_limits,
     check_method_takes_trainer,
     check_model_takes_data,
     check_monitors,
     check_optimization,
     check_schedule,
     check_top_level,
-    check_validation_interval,
     choices,
     enabled,
     prepare_data,
     warn_unreached_milestones,
 )
-from lightning_sam.app.command_line import CommandLineError, check_command_line
+from lightning_sam.app.command_line import CommandLineError, check_command_line, is_multirun
 from lightning_sam.app.resume import Resume
 from lightning_sam.app.run_dir import (
     check_run_dir,
     holding,
     merge_log_and_remove,
+    remember_new_folders,
     remove_if_unused,
     restore_holders_files,
     resume_hint,
@@ -93,9 +97,54 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg, resume, start)
 
 
-def _train(cfg: DictConfig, resume: Resume, start: float) -> dict[str, Any]:
+def check_sweep(configs: list[DictConfig]) -> None:
+    """Every check of a run, on each composed job of a sweep, before the first job starts.
+
+    Nothing is trained or written (a temporary folder stands for each run directory), and what building a
+    Trainer changes in torch (deterministic algorithms, cuDNN's benchmark) is put back.
+
+    Raises:
+        ConfigError: a job's config is invalid; the message names the key and the job's overrides.
+    """
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    benchmark, cublas = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    quiet = logging.getLogger("lightning_sam")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # each job warns for itself when it runs
+    try:
+        for cfg in configs:
+            with tempfile.TemporaryDirectory(prefix="lightning_sam_check.") as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = cfg.copy()
+                with open_dict(cfg):
+                    cfg.output_dir = tmp
+                check_top_level(cfg)
+                _prepare(cfg, Resume.of(cfg))
+    finally:
+        quiet.setLevel(level)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+@dataclass
+class _Prepared:
+    """What a run trains with, built and checked from its config."""
+
+    datamodule: Any
+    sam: Any
+    model: Classifier
+    trainer_cfg: dict
+    callbacks: list
+    loggers: list
+
+
+def _prepare(cfg: DictConfig, resume: Resume) -> _Prepared:
+    """Build the run from ``cfg``: everything that can be wrong with the config fails here, before any training."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model is built: its initial weights too
-    # Everything that can be wrong with the config fails here, before any training.
     datamodule = build(cfg, "data")
     use_sam = enabled(cfg.sam)
     sam = build(cfg, "sam") if use_sam else None
@@ -117,7 +166,7 @@ def _train(cfg: DictConfig, resume: Resume, start: float) -> dict[str, Any]:
     else:
         model = Classifier(net, datamodule.num_classes, optimizer, scheduler)
     check_optimization(cfg, model, trainer_cfg)
-    check_validation_interval(cfg, datamodule)
+    check_batch_limits(cfg, datamodule)
     resume.check_against(cfg, model, sam)
     callbacks = [build(cfg, f"callbacks.{name}") for name, node in cfg.callbacks.items() if enabled(node)]
     if not use_sam:
@@ -129,21 +178,26 @@ def _train(cfg: DictConfig, resume: Resume, start: float) -> dict[str, Any]:
         for name, node in cfg.logger.items()
         if enabled(node)
     ]
-    plugins = [AtomicCheckpointIO()]  # a crash or a full disk never leaves a truncated checkpoint
-    if resume.run_dir is not None:  # its checkpoints are this run's own
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # first without Lightning's info lines, so that a refusal stays one line
     probe = build_trainer(trainer_cfg, quiet=True, callbacks=callbacks, logger=False, plugins=[AtomicCheckpointIO()])
     if isinstance(model, SAMClassifier):
         check_method_takes_trainer(cfg, model, probe, trainer_cfg)
-    warn_unreached_milestones(cfg, trainer_cfg)  # every check passed: warnings now
-    trainer = build_trainer(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins)
-    log.info("Training %s with %s", type(net).__name__, sam if use_sam else "no SAM")
+    return _Prepared(datamodule, sam, model, trainer_cfg, callbacks, loggers)
+
+
+def _train(cfg: DictConfig, resume: Resume, start: float) -> dict[str, Any]:
+    run = _prepare(cfg, resume)
+    plugins = [AtomicCheckpointIO()]  # a crash or a full disk never leaves a truncated checkpoint
+    if resume.run_dir is not None:  # its checkpoints are this run's own
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warn_unreached_milestones(cfg, run.trainer_cfg)  # every check passed: warnings now
+    trainer = build_trainer(run.trainer_cfg, callbacks=run.callbacks, logger=run.loggers or False, plugins=plugins)
+    log.info("Training %s with %s", type(run.model.net).__name__, run.sam if run.sam is not None else "no SAM")
     if trainer.is_global_zero:
         rewrite_hydra_files(cfg)  # every check passed and this run holds the directory: its own .hydra/ files
         resume.record(cfg)  # a resume that changed what may change: the run's config follows it
     try:
-        return _fit_and_test(cfg, trainer, model, datamodule, resume, sam, start)
+        return _fit_and_test(cfg, trainer, run.model, run.datamodule, resume, run.sam, start)
     finally:
         if trainer.is_global_zero:  # a run refused meanwhile had Hydra overwrite them
             rewrite_hydra_files(cfg)
@@ -198,14 +252,21 @@ def main() -> None:
 
     An override Hydra cannot compose (an unknown option, a key missing from the config, bad syntax)
     or a run directory that cannot be written prints one line and exits with status 2 before Hydra
-    makes a run directory (``HYDRA_FULL_ERROR=1`` leaves them to Hydra's own report).
+    makes a run directory (``HYDRA_FULL_ERROR=1`` leaves them to Hydra's own report). A sweep that runs
+    here (Hydra's basic launcher) has each job's values checked before the first job starts; on other
+    launchers each job checks its own where it runs.
     """
+    remember_new_folders(None, False)
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         try:
-            check_command_line(sys.argv[1:])
-        except CommandLineError as err:
+            configs = check_command_line(sys.argv[1:])
+            multirun = bool(configs) and is_multirun(configs[0], any(a in ("-m", "--multirun") for a in sys.argv[1:]))
+            if multirun and str(configs[0].hydra.launcher._target_).endswith(".BasicLauncher"):
+                check_sweep(configs)  # jobs run here, one after another: a bad value is refused before the first
+        except (CommandLineError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        remember_new_folders(configs[0] if configs else None, multirun)
     app()
 
 

@@ -31,10 +31,12 @@ def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: i
     return noisy
 
 
-def check_split_args(batch_size: int, val_fraction: float, label_noise: float) -> None:
+def check_split_args(batch_size: int, val_fraction: float, label_noise: float, seed: int = 0) -> None:
     """Raise a ValueError naming the first invalid argument of a data module."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be an int >= 1, got {batch_size!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"Expected `seed` to be an int in [0, 2**32), got {seed!r}.")
     for name, value in (("val_fraction", val_fraction), ("label_noise", label_noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"Expected `{name}` to be a fraction in [0, 1), got {value!r}.")
@@ -107,7 +109,7 @@ class SplitDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
-        check_split_args(batch_size, val_fraction, label_noise)
+        check_split_args(batch_size, val_fraction, label_noise, seed)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.label_noise, self.seed = val_fraction, label_noise, seed
 

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_sam.app import runs
@@ -66,6 +67,20 @@ def _error_line(err: str) -> str:
         ("sam=gsam optimizer.lr=0", r"`optimizer.lr` \(through `sam.rho_schedule.lr_max`\) to be a float > lr_min"),
         ("callbacks.checkpoint.mode=foo", r"`callbacks.checkpoint.mode`"),
         ("sam=msam optimizer.momentum=0", r"`sam=msam` cannot train with this optimizer: .*`optimizer.momentum` 0"),
+        ("data.seed=abc", r"Expected `data.seed` to be an int in \[0, 2\*\*32\), got 'abc'"),
+        ("data.seed=-1", r"Expected `data.seed` to be an int in \[0, 2\*\*32\), got -1"),
+        ("+optimizer.foo=1", r"`optimizer.foo` is not an argument of torch.optim.SGD; it takes: lr, momentum"),
+        ("+sam.foo=1", r"`sam.foo` is not an argument of lightning_sam.SAM; it takes: rho, interval"),
+        ("+data.foo=1", r"`data.foo` is not an argument of .*MNIST1DDataModule; it takes: data_dir, batch_size"),
+        ("callbacks.lr_monitor.logging_interval=foo", r"Invalid `callbacks.lr_monitor.logging_interval=foo`: "),
+        ("+callbacks.checkpoint.every_n_epochs=abc", r"Invalid `callbacks.checkpoint.every_n_epochs=abc`: "),
+        ("sam.rho_schedule={_target_:lightning_sam.RhoSchedule,shape:cosine}",
+         r"Expected `sam.rho_schedule.total_steps` to be an int >= 1"),
+        ("trainer.limit_train_batches=0.001", r"`trainer.limit_train_batches` to leave at least one of the 29 train"),
+        ("trainer.limit_val_batches=0.01", r"`trainer.limit_val_batches` to leave at least one of the 4 val"),
+        ("trainer.limit_test_batches=0.001", r"`trainer.limit_test_batches` to leave at least one of the 8 test"),
+        ("trainer.log_every_n_steps=-1", r"Expected `trainer.log_every_n_steps` to be an int >= 0"),
+        ("trainer.deterministic=abc", r"Expected `trainer.deterministic` to be true, false, warn or null, got 'abc'"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_run_directory(
@@ -86,6 +101,51 @@ def test_a_sweep_with_an_unknown_option_is_refused_before_any_job(tmp_path, mnis
     assert code == 2
     assert "`sam=nope` is not an option of the config group `sam`" in _error_line(err)
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("swept", ["sam.rho=0.05,-1", "sam.rho=-1,0.05", "trainer.max_epochs=1,0"])
+def test_a_sweep_with_a_bad_value_is_refused_before_any_job(tmp_path, mnist1d_dir, monkeypatch, capsys, swept):
+    sweep = tmp_path / "sweep"
+    code, out, err = _run(
+        monkeypatch, capsys, "-m", swept, "debug=default", f"data.data_dir={mnist1d_dir}", f"hydra.sweep.dir={sweep}"
+    )
+    assert code == 2, err[-3000:]
+    key = swept.split("=")[0]
+    assert re.search(rf"Expected `{re.escape(key)}` to be .*got (-1|0)\.", _error_line(err)), err
+    assert "test accuracy" not in out and "Launching" not in out + err
+    assert not sweep.exists()
+
+
+def test_a_sweep_runs_as_its_jobs_would_alone(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    """The checks of a sweep's jobs before the first (they seed, build models and Trainers) change nothing it trains."""
+    base = ["debug=default", f"data.data_dir={mnist1d_dir}", "test=false"]
+    code, _, err = _run(monkeypatch, capsys, *base, "sam.rho=0.1", f"hydra.run.dir={tmp_path / 'alone'}")
+    assert code == 0, err[-3000:]
+    code, _, err = _run(monkeypatch, capsys, "-m", *base, "sam.rho=0.1,0.2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 0, err[-3000:]
+    alone = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    swept = torch.load(tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert alone.keys() == swept.keys() and len(alone) > 0
+    for name in alone:
+        assert torch.equal(alone[name], swept[name]), name
+
+
+def test_the_checks_of_a_sweep_leave_torch_flags_as_they_were(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    assert not torch.are_deterministic_algorithms_enabled()
+    args = ["-m", "debug=default", f"data.data_dir={mnist1d_dir}", "trainer.deterministic=true", "sam.rho=0.1,-1"]
+    code, _, err = _run(monkeypatch, capsys, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 2 and "sam.rho" in _error_line(err)  # the first job's Trainer was built, then the second refused
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_refused_run_removes_the_folders_it_made(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    run = tmp_path / "new" / "deeper" / "run"
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, "sam.rho=-1"))
+    assert code == 2 and "sam.rho" in _error_line(err)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, even empty
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, tmp_path / "kept" / "run", "sam.rho=-1"))
+    assert code == 2 and (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "run").exists()
 
 
 @pytest.mark.parametrize("where", ["/sys/lightning_sam_run", "a_file/run"])
