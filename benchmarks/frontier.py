@@ -166,8 +166,12 @@ def tune(pool, method: str, epochs: int, extra: list[str], log) -> tuple[dict[st
 # ---------------------------------------------------------------------------------------------- cost
 
 
-def step_costs(methods: list[str], steps: int, tuned: dict) -> dict[str, float]:
-    """Each method's Lightning step on the app's model over Lightning's plain step, both against one SGD loop."""
+def step_costs(methods: list[str], steps: int, tuned: dict, rounds: int = 3) -> dict[str, float]:
+    """Each method's Lightning step on the app's model over Lightning's plain step, both against one SGD loop.
+
+    The median over ``rounds`` rounds, each method once a round (one round's ratios swing by about 5% on
+    this shared machine).
+    """
     import lightning_overhead as lo
     from torch.nn import functional as F
 
@@ -194,8 +198,8 @@ def step_costs(methods: list[str], steps: int, tuned: dict) -> dict[str, float]:
 
         return step
 
-    ratios = {}
-    for method in methods:
+    ratios: dict[str, list[float]] = {m: [] for m in methods}
+    for method in [m for _ in range(rounds) for m in methods]:
         option = METHODS[method][3]
         if option == "none":
             module = Classifier(copy.deepcopy(net), 10, optimizer)
@@ -205,8 +209,8 @@ def step_costs(methods: list[str], steps: int, tuned: dict) -> dict[str, float]:
             if option == "late_phase":
                 kwargs["start"] = 0  # its SAM steps: the cost of the part of the run that pays it
             module = SAMClassifier(copy.deepcopy(net), 10, optimizer, sam=REGISTRY[option](**kwargs))
-        ratios[method] = lo.interleaved_ratio(module, net, loader, reference=sgd_loop)[2]
-    return {m: r / ratios["SGD"] for m, r in ratios.items()}
+        ratios[method].append(lo.interleaved_ratio(module, net, loader, reference=sgd_loop)[2])
+    return {m: statistics.median(r) / statistics.median(ratios["SGD"]) for m, r in ratios.items()}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -392,7 +396,9 @@ def main(argv: list[str] | None = None) -> str:
             log(f"measured {method}: best checkpoint {statistics.fmean(r['test_best'] for r in results[method]):.1f}%, "
                 f"last epoch {statistics.fmean(r['test_last'] for r in results[method]):.1f}%")  # fmt: skip
     measured = [m for m in methods if m not in TUNED_ONLY]
-    cost = step_costs(measured, 5 if args.quick else 60, tuned={m: tuned[m]["best"] for m in measured})
+    cost = step_costs(
+        measured, 5 if args.quick else 200, rounds=1 if args.quick else 3, tuned={m: tuned[m]["best"] for m in measured}
+    )
     log("costs per step: " + ", ".join(f"{m} {c:.2f}x" for m, c in cost.items()))
     text = report(tuned, trials, results, cost, args.epochs, (time.perf_counter() - start) / 60)
     print("\n" + text)
