@@ -46,6 +46,9 @@ def main() -> None:
         fabric.print(f"epoch {epoch}: loss {loss.item():.3f}, sharpness {stats.sharpness.item():.4f}, "
                      f"||e|| {stats.eps_norm.item():.3f}")  # fmt: skip
     fabric.save("fabric_sam.ckpt", {"model": model, "optimizer": optimizer, "sam": method.state_dict()})
+    if torch.distributed.is_initialized():  # several processes: end the process group before they exit
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

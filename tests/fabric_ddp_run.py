@@ -51,3 +51,7 @@ if __name__ == "__main__":
     fabric.launch()
     for mode in ("local", "sync"):
         run(fabric, Path(sys.argv[1]), mode)
+    # end the process group before exit: gloo's threads are otherwise torn down mid-flight at interpreter
+    # shutdown, which aborts the process now and then ("terminate called without an active exception")
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
