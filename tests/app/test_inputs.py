@@ -79,7 +79,7 @@ def _error_line(err: str) -> str:
         ("trainer.limit_train_batches=0.001", r"`trainer.limit_train_batches` to leave at least one of the 29 train"),
         ("trainer.limit_val_batches=0.01", r"`trainer.limit_val_batches` to leave at least one of the 4 val"),
         ("trainer.limit_test_batches=0.001", r"`trainer.limit_test_batches` to leave at least one of the 8 test"),
-        ("trainer.log_every_n_steps=-1", r"Expected `trainer.log_every_n_steps` to be an int >= 0"),
+        ("trainer.log_every_n_steps=-1", r"Expected `trainer.log_every_n_steps` to be null or an int >= 0"),
         ("trainer.deterministic=abc", r"Expected `trainer.deterministic` to be true, false, warn or null, got 'abc'"),
     ],
 )  # fmt: skip

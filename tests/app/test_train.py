@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_sam.app.checks import ConfigError
+from lightning_sam.app.checks import ConfigError, build, check_batch_limits, check_top_level
 from lightning_sam.app.train import train
 from lightning_sam.data import CIFAR10DataModule, MNIST1DDataModule, read_cifar
 
@@ -375,6 +375,21 @@ def test_degenerate_but_valid_settings_warn(tmp_path, data_dir, caplog):
         train(compose_cfg(tmp_path / "b", data_dir, "debug=default", "sam=none", "trainer.max_epochs=2",
                           f"ckpt_path={ckpt}"))  # fmt: skip
     assert "trained with SAM(rho=0.05); resuming it with sam=none" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.log_every_n_steps=null", "trainer.log_every_n_steps=0", "trainer.deterministic=warn",
+     "trainer.deterministic=null", "trainer.limit_val_batches=0", "trainer.limit_train_batches=0.5",
+     "trainer.limit_test_batches=0.2", "data.seed=7"],
+)  # fmt: skip
+def test_valid_edge_values_pass_the_checks(tmp_path, data_dir, override):
+    """What the checks refuse stops at what Lightning itself refuses: these train."""
+    cfg = compose_cfg(tmp_path, data_dir, "debug=default", override)
+    check_top_level(cfg)
+    datamodule = build(cfg, "data")
+    datamodule.prepare_data()
+    check_batch_limits(cfg, datamodule)
 
 
 def test_unknown_group_option_lists_the_accepted_ones(tmp_path, data_dir):
