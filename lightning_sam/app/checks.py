@@ -8,6 +8,7 @@ code that will use it, and maps each refusal to the full key (``callbacks.checkp
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
@@ -80,33 +81,58 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"Invalid `{key}` config: {named}") from cause
 
 
-def _arguments(target: str) -> list[str]:
-    """The keyword arguments the class ``target`` takes (through ``**kwargs`` to its bases' ``__init__``)."""
+def _locate(target: str) -> Any:
+    """The object at the dotted path ``target`` (``None`` if there is none), without Hydra's error log."""
+    module, _, name = target.rpartition(".")
     try:
-        cls = get_class(target)
-    except (ImportError, ValueError):
-        return []
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+_GIVEN_BY_THE_APP = {"self", "params", "optimizer", "num_classes", "resume_step"}  # not the user's to set
+
+
+def _arguments(target: str) -> list[str]:
+    """The keyword arguments the class (or function) ``target`` takes, through ``**kwargs`` to its bases."""
+    found = _locate(target)
     names: list[str] = []
-    for klass in cls.__mro__ if isinstance(cls, type) else (cls,):
+    for part in found.__mro__ if isinstance(found, type) else (found,) if callable(found) else ():
         try:
-            parameters = inspect.signature(klass).parameters.values()
+            parameters = inspect.signature(part).parameters.values()
         except (TypeError, ValueError):
             break
         names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
-    return list(dict.fromkeys(n for n in names if n not in ("self", "params")))  # params: the model's
+    return list(dict.fromkeys(n for n in names if n not in _GIVEN_BY_THE_APP))
 
 
 def _unexpected_argument(reason: str, node: Any, key: str) -> str | None:
-    """``+optimizer.foo=1``: the full key named, with the arguments its class takes (``None``: not that)."""
+    """``+optimizer.foo=1``: the full key named, with the arguments its class takes (``None``: not that).
+
+    The key is the one, in ``node`` or a node below it, whose class does not take the argument.
+    """
     found = re.search(r"unexpected keyword argument '(\w+)'", reason)
-    if found is None or not isinstance(node, DictConfig) or found.group(1) not in node:
+    if found is None or not isinstance(node, DictConfig):
         return None
-    name, target = found.group(1), str(node.get("_target_"))
-    accepted = _arguments(target)
-    listed = f"; it takes: {', '.join(accepted)}" if accepted else ""
-    return f"`{key}.{name}` is not an argument of {target}{listed}."
+    name = found.group(1)
+    for full, sub in [(key, node), *_nested(node, key)]:
+        target = sub.get("_target_")
+        accepted = _arguments(str(target)) if target is not None else []
+        if name in sub and accepted and name not in accepted:
+            return f"`{full}.{name}` is not an argument of {target}; it takes: {', '.join(accepted)}."
+    return None
+
+
+def _nested(node: DictConfig, key: str) -> list[tuple[str, DictConfig]]:
+    """``(full key, node)`` of every config node below ``node`` (depth first)."""
+    found = []
+    for name in node:
+        sub = node._get_node(name)
+        if isinstance(sub, DictConfig):
+            found += [(f"{key}.{name}", sub), *_nested(sub, f"{key}.{name}")]
+    return found
 
 
 def _culprits(node: DictConfig, key: str, attempt: Any) -> list[str]:
@@ -339,8 +365,8 @@ def _run_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, epochs: int)
 def _defaults(target: str) -> dict[str, Any]:
     """The default of each argument of the class ``target`` that has one."""
     try:
-        signature = inspect.signature(get_class(target))
-    except (ValueError, TypeError, ImportError):  # no signature to read
+        signature = inspect.signature(_locate(target))
+    except (ValueError, TypeError):  # no signature to read
         return {}
     return {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
 
@@ -464,6 +490,8 @@ def check_batch_limits(cfg: DictConfig, datamodule: Any) -> None:
     A fraction of the batches (``trainer.limit_*_batches``) that leaves none, and a
     ``trainer.val_check_interval`` in batches longer than an epoch.
     """
+    if cfg.trainer.get("fast_dev_run") or cfg.trainer.get("overfit_batches"):
+        return  # Lightning replaces the limits then
     stages = [("train", "fit"), ("val", "fit")] + ([("test", "test")] if cfg.get("test", True) else [])
     lengths: dict[str, int] = {}
     for split, stage in stages:
@@ -480,6 +508,9 @@ def check_batch_limits(cfg: DictConfig, datamodule: Any) -> None:
                 f"got {limit} (at least {1 / length:.4g}, or a number of batches)."
             )
     interval, batches = cfg.trainer.get("val_check_interval"), lengths.get("train")
+    validates_by_epoch = cfg.trainer.get("check_val_every_n_epoch", 1) is not None
+    if not validates_by_epoch or cfg.trainer.get("limit_val_batches", 1.0) == 0:
+        return  # Lightning counts a val_check_interval over the whole run then (or never validates)
     if is_int(interval, 1) and batches is not None and interval > batches:
         raise ConfigError(
             f"Expected `trainer.val_check_interval` to be at most the {batches} training batches of an epoch, got "

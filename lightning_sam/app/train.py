@@ -101,10 +101,12 @@ def check_sweep(configs: list[DictConfig]) -> None:
     """Every check of a run, on each composed job of a sweep, before the first job starts.
 
     Nothing is trained or written (a temporary folder stands for each run directory), and what building a
-    Trainer changes in torch (deterministic algorithms, cuDNN's benchmark) is put back.
+    Trainer changes in torch (deterministic algorithms, cuDNN's benchmark) is put back. A job whose config
+    takes a value from Hydra's run (``${hydra:job.num}``), or cannot be built outside it, ends the checks
+    here: each job still checks its own config when it starts.
 
     Raises:
-        ConfigError: a job's config is invalid; the message names the key and the job's overrides.
+        ConfigError: a job's config is invalid; the message names the key.
     """
     flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     benchmark, cublas = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
@@ -113,13 +115,20 @@ def check_sweep(configs: list[DictConfig]) -> None:
     quiet.setLevel(logging.ERROR)  # each job warns for itself when it runs
     try:
         for cfg in configs:
+            if _uses_hydras_run(cfg):
+                return
             with tempfile.TemporaryDirectory(prefix="lightning_sam_check.") as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cfg = cfg.copy()
                 with open_dict(cfg):
                     cfg.output_dir = tmp
-                check_top_level(cfg)
-                _prepare(cfg, Resume.of(cfg))
+                try:
+                    check_top_level(cfg)
+                    _prepare(cfg, Resume.of(cfg))
+                except ConfigError:
+                    raise
+                except Exception:  # not buildable outside Hydra's run: the job checks it where it runs
+                    return
     finally:
         quiet.setLevel(level)
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
@@ -128,6 +137,13 @@ def check_sweep(configs: list[DictConfig]) -> None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def _uses_hydras_run(cfg: DictConfig) -> bool:
+    """Whether a value other than ``output_dir`` comes from Hydra's run (``${hydra:job.num}``)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "output_dir")}  # type: ignore[union-attr]
+    return "${hydra:" in str(raw)
 
 
 @dataclass

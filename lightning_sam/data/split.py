@@ -35,8 +35,8 @@ def check_split_args(batch_size: int, val_fraction: float, label_noise: float, s
     """Raise a ValueError naming the first invalid argument of a data module."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be an int >= 1, got {batch_size!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"Expected `seed` to be an int in [0, 2**32), got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"Expected `seed` to be an int (a torch.Generator seed), got {seed!r}.")
     for name, value in (("val_fraction", val_fraction), ("label_noise", label_noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(f"Expected `{name}` to be a fraction in [0, 1), got {value!r}.")

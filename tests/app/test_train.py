@@ -381,11 +381,15 @@ def test_degenerate_but_valid_settings_warn(tmp_path, data_dir, caplog):
     "override",
     ["trainer.log_every_n_steps=null", "trainer.log_every_n_steps=0", "trainer.deterministic=warn",
      "trainer.deterministic=null", "trainer.limit_val_batches=0", "trainer.limit_train_batches=0.5",
-     "trainer.limit_test_batches=0.2", "data.seed=7"],
+     "trainer.limit_test_batches=0.2", "data.seed=7", "data.seed=-1",
+     "+trainer.fast_dev_run=true trainer.limit_val_batches=0.1",
+     "+trainer.overfit_batches=2 trainer.limit_val_batches=0.1",
+     "+trainer.val_check_interval=10 +trainer.check_val_every_n_epoch=null",
+     "+trainer.val_check_interval=10 trainer.limit_val_batches=0"],
 )  # fmt: skip
 def test_valid_edge_values_pass_the_checks(tmp_path, data_dir, override):
     """What the checks refuse stops at what Lightning itself refuses: these train."""
-    cfg = compose_cfg(tmp_path, data_dir, "debug=default", override)
+    cfg = compose_cfg(tmp_path, data_dir, "debug=default", *override.split())
     check_top_level(cfg)
     datamodule = build(cfg, "data")
     datamodule.prepare_data()
