@@ -16,9 +16,23 @@ from torch import Tensor
 from lightning_sam._compat import active_scaler, loss_scale
 from lightning_sam.core.tensors import all_reduce_mean_, is_distributed_ddp
 from lightning_sam.core.update import SAMUpdate
+from lightning_sam.methods import shipped
 from lightning_sam.methods.base import Method
 
-__all__ = ["StepContext"]
+__all__ = ["StepContext", "check_step_arguments"]
+
+
+def check_step_arguments(method: Any, closure: Any, sync_perturbation: Any) -> None:
+    """The arguments every ``sam_step`` front end shares, refused before any pass with a message naming each."""
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"Expected `method` to be a method object (one of {shipped()}, or a lightning_sam.Method of your own), "
+            f"got {method!r}."
+        )
+    if not callable(closure):
+        raise TypeError(f"Expected `closure` to be a callable returning the loss, got {closure!r}.")
+    if not isinstance(sync_perturbation, bool):
+        raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from lightning.fabric.wrappers import is_wrapped
 from torch import Tensor
 
 from lightning_sam._compat import active_scaler
-from lightning_sam._context import StepContext
+from lightning_sam._context import StepContext, check_step_arguments
 from lightning_sam.core.update import SAMStepStats, SAMUpdate
-from lightning_sam.methods import Method, shipped
+from lightning_sam.methods import Method
 
 __all__ = ["sam_step", "sam_step_stats", "skipped_steps"]
 
@@ -224,15 +224,7 @@ def _check(
             f"Expected `optimizer` to be the optimizer `fabric.setup` returned, got {type(optimizer).__name__}: "
             "`model, optimizer = fabric.setup(model, optimizer)`."
         )
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"Expected `method` to be a method object (one of {shipped()}, or a lightning_sam.Method of your own), "
-            f"got {method!r}."
-        )
-    if not callable(closure):
-        raise TypeError(f"Expected `closure` to be a callable returning the loss, got {closure!r}.")
-    if not isinstance(sync_perturbation, bool):
-        raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
+    check_step_arguments(method, closure, sync_perturbation)
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
         raise TypeError(f"Expected `total_steps` to be a positive int or None, got {total_steps!r}.")
     if total_steps is not None and total_steps < 1:

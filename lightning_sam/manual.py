@@ -20,9 +20,9 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
-from lightning_sam._context import StepContext
+from lightning_sam._context import StepContext, check_step_arguments
 from lightning_sam.core.update import SAMStepStats, SAMUpdate
-from lightning_sam.methods import Method, shipped
+from lightning_sam.methods import Method
 
 __all__ = ["sam_step", "sam_step_stats"]
 
@@ -152,15 +152,7 @@ def _check(module: Any, optimizer: Any, closure: Any, method: Any, sync_perturba
             "`sam_step` is for manual optimization: set `self.automatic_optimization = False` in "
             f"`{type(module).__name__}.__init__`, or keep automatic optimization and use SAMLightningModule."
         )
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"Expected `method` to be a method object (one of {shipped()}, or a lightning_sam.Method of your own), "
-            f"got {method!r}."
-        )
-    if not callable(closure):
-        raise TypeError(f"Expected `closure` to be a callable returning the loss, got {closure!r}.")
-    if not isinstance(sync_perturbation, bool):
-        raise TypeError(f"Expected `sync_perturbation` to be True or False, got {sync_perturbation!r}.")
+    check_step_arguments(method, closure, sync_perturbation)
     trainer = module._trainer
     if trainer is None:
         raise RuntimeError("`sam_step` runs inside a Trainer's fit: call it from `training_step`.")
