@@ -139,9 +139,16 @@ def test_two_runs_started_together_get_their_own_directories(tmp_path, mnist1d_d
 
 def test_the_same_explicit_directory_is_refused_to_a_second_run(tmp_path, mnist1d_dir):
     run = tmp_path / "run"
-    first = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=0", "trainer.max_epochs=12"))
-    _wait_for(run / ".run.lock", first)
-    code, _, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=1")))
+    first = _app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=0"))
+    end = time.monotonic() + 120
+    while not ((run / ".run.lock").exists() and (run / ".run.lock").read_text()):  # the holder is written once locked
+        assert first.poll() is None and time.monotonic() < end, first.communicate()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # the first run holds the lock however long the second takes to start
+    try:
+        code, _, err = _finish(_app(tmp_path, _args(mnist1d_dir, f"hydra.run.dir={run}", "seed=1")))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert code == 2 and "is in use by another run" in err and err.count("\n") == 1
     assert _finish(first)[0] == 0
     assert "seed=1" not in (run / ".hydra" / "overrides.yaml").read_text()
