@@ -16,12 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 __all__ = [
-    "BatchNormBase",
     "active_scaler",
-    "NormBase",
     "flag_non_finite_",
     "grad_sync",
     "loss_scale",
@@ -30,11 +27,6 @@ __all__ = [
     "should_update_logs",
     "tensor_version",
 ]
-
-#: Base of BatchNorm1d/2d/3d, SyncBatchNorm and the lazy variants (torch.nn.modules.batchnorm).
-BatchNormBase = _BatchNorm
-#: Base of every layer with running statistics: the BatchNorms and the InstanceNorms.
-NormBase = _NormBase
 
 
 def should_update_logs(trainer: Any) -> bool:

@@ -155,6 +155,7 @@ def _passes(
                 keep_local = context.distributed and not context.syncs_clean
                 return fabric.no_backward_sync(model, enabled=True) if keep_local else nullcontext()
 
+            update.begin_clean_()  # the perturbed pass draws the same random numbers, from the same buffers
             with local():
                 loss = closure()
 

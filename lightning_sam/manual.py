@@ -117,6 +117,7 @@ def sam_step(
                 parallel = isinstance(strategy, ParallelStrategy) and not context.syncs_clean
                 return strategy.block_backward_sync() if parallel else nullcontext()
 
+            update.begin_clean_()  # the perturbed pass draws the same random numbers, from the same buffers
             with local():
                 loss = closure()
 

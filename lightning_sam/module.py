@@ -255,11 +255,20 @@ class SAMLightningModule(pl.LightningModule):
         self._sam_check_accumulation(trainer)  # again: `configure_callbacks` may have added a schedule
         self._sam_pass.takes_batch_idx = is_param_in_hook_signature(type(self).training_step, "batch_idx", min_args=2)
         self._sam_update.method = self.sam
-        total = trainer.estimated_stepping_batches
         unfrozen_later = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)
-        self._sam_update.bind_(
-            self, trainer.optimizers[0], None if math.isinf(total) else int(total), unfrozen_later=unfrozen_later
-        )
+        self._sam_update.bind_(self, trainer.optimizers[0], unfrozen_later=unfrozen_later)
+        self._sam_pass.planned = not self.sam.follows_run_length
+
+    def _sam_plan(self, trainer: pl.Trainer) -> None:
+        """A method that plans by the run's length learns it at the first step, once the data is loaded.
+
+        Asking the Trainer at ``on_fit_start`` loads the training data early, before a resumed loader's
+        position is restored: a mid-epoch resume would start the epoch over.
+        """
+        if not self._sam_pass.planned:
+            total = trainer.estimated_stepping_batches
+            self._sam_update.method.plan_(None if math.isinf(total) else int(total))
+            self._sam_pass.planned = True
 
     def _sam_on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         type(self).on_save_checkpoint(self, checkpoint)
@@ -299,6 +308,7 @@ class SAMLightningModule(pl.LightningModule):
             return user_step(self, *args, **kwargs)
         if not update.bound:  # a step before on_fit_start: a finder's trial, which must measure the SAM step
             self._sam_bind(trainer)
+        self._sam_plan(trainer)
         if not self._sam_pass.takes_batch_idx:
             args = args[:1]  # Lightning passed batch_idx because this wrapper takes *args
         if self._sam_pass.perturbing:
@@ -310,6 +320,8 @@ class SAMLightningModule(pl.LightningModule):
             single_pass = update.is_sam_step and self.sam.single_pass
             if single_pass:  # Momentum-SAM, RWP: w <- w + e before the forward, the only pass
                 update.perturb_(optimizer, lr=optimizer.param_groups[0]["lr"])
+            elif update.is_sam_step:  # the perturbed pass draws the same random numbers, from the same buffers
+                update.begin_clean_()
             output = user_step(self, *args, **kwargs)
         self._sam_pass.batch = (args, kwargs)
         clean_loss = _loss_or_none(output)
@@ -344,6 +356,7 @@ class SAMLightningModule(pl.LightningModule):
             return user_step(self, epoch, batch_idx, optimizer, optimizer_closure)
         if not update.bound:  # a finder's first trial step: Lightning calls this hook before training_step
             self._sam_bind(trainer)
+        self._sam_plan(trainer)
         context = StepContext.of(trainer, self.sam, self.sync_perturbation)
         # the clean pass stays local to this replica (each its own e) unless it is averaged; a single-pass
         # method's only pass is the descent's
@@ -413,6 +426,7 @@ class _PassState:
     batch: tuple[tuple, dict] = ((), {})  # what the clean pass's training_step received
     clean_loss: Tensor | None = None
     takes_batch_idx: bool = True
+    planned: bool = True  # the method knows the run's length (or does not need it)
 
 
 def _loss_or_none(output: Any) -> Tensor | None:

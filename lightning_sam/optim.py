@@ -169,6 +169,8 @@ class SAM(torch.optim.Optimizer):
         with update.guarded():
             if not self._fresh_gradients():  # the clean pass is ours too
                 self.zero_grad()
+                if update.is_sam_step:
+                    update.begin_clean_()  # the perturbed pass draws the same random numbers, from the same buffers
                 loss = run()
             if update.is_sam_step and update.ascend_(self.base_optimizer, loss, None, lr=self.param_groups[0]["lr"]):
                 update.descend_(run)

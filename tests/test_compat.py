@@ -5,8 +5,6 @@ import torch
 import torchmetrics
 
 from lightning_sam._compat import (
-    BatchNormBase,
-    NormBase,
     flag_non_finite_,
     grad_sync,
     loss_scale,
@@ -16,12 +14,6 @@ from lightning_sam._compat import (
     tensor_version,
 )
 from tests.helpers import Classifier, make_loader, trainer
-
-
-def test_norm_bases():
-    assert isinstance(torch.nn.BatchNorm2d(2), BatchNormBase) and isinstance(torch.nn.SyncBatchNorm(2), BatchNormBase)
-    instance_norm = torch.nn.InstanceNorm1d(2)
-    assert isinstance(instance_norm, NormBase) and not isinstance(instance_norm, BatchNormBase)
 
 
 def test_should_update_logs_follows_log_every_n_steps():

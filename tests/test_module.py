@@ -370,3 +370,30 @@ def test_dataloader_iter_training_step_is_refused():
 
     with pytest.raises(TypeError, match=r"training_step\(dataloader_iter\)` is not supported.*batch, batch_idx"):
         trainer(max_steps=1).fit(Iterating(), make_loader())
+
+
+class _Adadelta(Classifier):
+    """Adadelta keeps a ``rho`` of its own in every param group (a decay rate, 0.9)."""
+
+    def __init__(self, group_rho: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.group_rho = group_rho or {}
+
+    def configure_optimizers(self):
+        return torch.optim.Adadelta([{"params": self.parameters(), **self.group_rho}], lr=1.0)
+
+
+class _SAMAdadelta(SAMLightningModule, _Adadelta):
+    pass
+
+
+def test_an_optimizers_own_rho_is_not_sams():
+    plain = _Adadelta()
+    trainer(max_epochs=2).fit(plain, make_loader())
+    sam = _SAMAdadelta(sam=SAM(rho=0.0))
+    trainer(max_epochs=2).fit(sam, make_loader())
+    assert_same_state(state_copy(plain), state_copy(sam))  # Adadelta's rho=0.9 was not taken for SAM's radius
+    assert float(sam.sam_last_step.eps_norm) == 0.0
+    own = _SAMAdadelta(sam=SAM(rho=0.0), group_rho={"sam_rho": 0.1})  # such groups take "sam_rho"
+    trainer(max_steps=1).fit(own, make_loader())
+    assert float(own.sam_last_step.eps_norm) == pytest.approx(0.1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_sam import ASAM, SAM
+from lightning_sam import ASAM, SAM, LatePhaseSAM
 from tests.helpers import (
     SAMClassifier,
     Snapshots,
@@ -181,3 +181,50 @@ def test_a_checkpoint_written_during_the_perturbed_pass_holds_w(tmp_path):
     before_step = snaps.states[1][0]
     for name, _ in model.named_parameters():
         assert torch.equal(saved[name], before_step[name]), name  # w, not w + e
+
+
+class _ResumableLoader(torch.utils.data.DataLoader):
+    """A loader Lightning resumes mid-epoch (``state_dict``/``load_state_dict``): it skips what was consumed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.consumed, self.skip = 0, 0
+
+    def __iter__(self):
+        skip, self.skip, self.consumed = self.skip, 0, 0
+        for i, batch in enumerate(super().__iter__()):
+            self.consumed += 1
+            if i >= skip:
+                yield batch
+
+    def state_dict(self):
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state):
+        self.skip = state["consumed"]
+
+
+class _SaveAt(pl.Callback):
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("method", [SAM(rho=0.05), LatePhaseSAM(rho=0.05, start=0.5)], ids=["sam", "late_phase"])
+def test_a_mid_epoch_resume_with_a_resumable_loader_is_exact(tmp_path, method):
+    """The training data is not loaded before the checkpoint's loader position is restored."""
+    path = tmp_path / "mid.ckpt"
+
+    def fit(callbacks, ckpt_path=None):
+        model = SAMClassifier(sam=copy.deepcopy(method))
+        t = trainer(max_epochs=2, callbacks=callbacks)
+        t.fit(model, _ResumableLoader(make_loader().dataset, batch_size=16), ckpt_path=ckpt_path)  # 6 batches
+        return state_copy(model), t
+
+    whole, _ = fit([_SaveAt(path, 4)])
+    resumed, t = fit([], ckpt_path=path)
+    assert t.global_step == 12
+    assert_same_state(whole, resumed)

@@ -1,4 +1,4 @@
-"""What a SAM step saves to undo: weights, buffers, torchmetrics states, accumulated gradients.
+"""What a SAM step saves to undo: weights, buffers, torchmetrics states, accumulated gradients, random draws.
 
 Pure torch (and torchmetrics for metric states). Restoring always copies saved tensors back:
 ``(w + e) - e`` is not ``w`` in floating point, and rebinding ``.data`` breaks FSDP views.
@@ -6,6 +6,8 @@ Pure torch (and torchmetrics for metric states). Restoring always copies saved t
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Sequence
 from operator import is_not
 from typing import Any
@@ -17,7 +19,15 @@ from lightning_sam._compat import metric_counters, set_metric_counters
 from lightning_sam.core.groups import ParamGroup
 from lightning_sam.core.tensors import add_scaled_, copy_into, local
 
-__all__ = ["BufferBackup", "GradientStash", "MetricStates", "WeightBackup", "same_tensors"]
+__all__ = [
+    "BufferBackup",
+    "GradientStash",
+    "MetricStates",
+    "PassReplay",
+    "RandomStates",
+    "WeightBackup",
+    "same_tensors",
+]
 
 
 class WeightBackup:
@@ -126,6 +136,96 @@ class BufferBackup:
     def discard(self) -> None:
         """Forget the copy; the storage is kept for the next update."""
         self._valid = False
+
+
+class RandomStates:
+    """The global random generators a ``training_step`` draws from, to draw the same numbers again.
+
+    Torch's (CPU, and the current CUDA device if CUDA is in use), Python's ``random`` and NumPy's
+    legacy global one (if NumPy is imported). A generator the user made (``torch.Generator``,
+    ``numpy.random.default_rng``) is not seen.
+
+    Example::
+
+        >>> states = RandomStates()
+        >>> first = torch.rand(2)
+        >>> states.restore_()
+        >>> torch.equal(torch.rand(2), first)           # the same draws again
+        True
+    """
+
+    def __init__(self) -> None:
+        self._torch = torch.get_rng_state()
+        self._cuda = (torch.cuda.current_device(), torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else None
+        self._python = random.getstate()
+        numpy = sys.modules.get("numpy")  # not imported: nothing can draw from it
+        self._numpy = (numpy, numpy.random.get_state()) if numpy is not None else None
+
+    def restore_(self) -> None:
+        """Put every generator back to where it was when this object was made."""
+        torch.set_rng_state(self._torch)
+        if self._cuda is not None:
+            device, state = self._cuda
+            torch.cuda.set_rng_state(state, device)
+        random.setstate(self._python)
+        if self._numpy is not None:
+            numpy, state = self._numpy
+            numpy.random.set_state(state)
+
+
+class PassReplay:
+    """The perturbed pass starts where the clean pass started, and leaves the buffers as the clean pass did.
+
+    :meth:`mark_` (before the clean forward) notes the random generators and the buffers;
+    :meth:`enter_` (before the perturbed forward) keeps the buffers as the clean pass left them, then
+    puts back the generators (the same dropout masks and augmentations: the loss is the same function at
+    ``w + e``, as in the paper's code) and the buffers; :meth:`exit_` (after the perturbed backward) puts
+    back the buffers as the clean pass left them. Buffers are updated at ``w`` only, once per micro-batch
+    (BatchNorm statistics, spectral norm's vectors, a running mean of the user's), and with ``rho = 0``
+    the step is plain training's, draw for draw. Without a :meth:`mark_` (a caller whose clean pass
+    is not seen) the perturbed pass starts from where the clean pass left things.
+
+    Example::
+
+        >>> bn = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(3))
+        >>> buffers, x, replay = list(bn.buffers()), torch.randn(8, 3), PassReplay()
+        >>> replay.mark_(buffers)
+        >>> clean = bn(x)
+        >>> after_clean = bn[1].running_mean.clone()
+        >>> replay.enter_(buffers)
+        >>> torch.equal(bn(x), clean)                   # the same dropout mask, the same statistics
+        True
+        >>> replay.exit_()
+        >>> torch.equal(bn[1].running_mean, after_clean)   # updated once
+        True
+    """
+
+    def __init__(self) -> None:
+        self._random: RandomStates | None = None
+        self._start, self._after = BufferBackup(), BufferBackup()
+
+    def mark_(self, buffers: list[Tensor]) -> None:
+        """Before the clean forward: note the generators and the buffers."""
+        self._random = RandomStates()
+        self._start.save_(buffers)
+
+    def enter_(self, buffers: list[Tensor]) -> None:
+        """Before the perturbed forward: keep the buffers as they are, then go back to the marked start."""
+        self._after.save_(buffers)
+        if self._random is not None:
+            self._start.restore_()
+            self._random.restore_()
+
+    def exit_(self) -> None:
+        """After the perturbed pass (or its exception): the buffers as the clean pass left them."""
+        self._after.restore_()
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget what was noted (the storage is kept)."""
+        self._random = None
+        self._start.discard()
+        self._after.discard()
 
 
 class MetricStates:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Ascent", "ParamGroup", "check_int", "check_non_negative", "check_param_groups"]
+__all__ = ["Ascent", "ParamGroup", "check_int", "check_non_negative", "check_param_groups", "group_rho"]
 
 
 class ParamGroup(NamedTuple):
@@ -69,8 +69,37 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _rho_key(optimizer: torch.optim.Optimizer, group: dict) -> str | None:
+    """The key of ``group`` that holds its SAM radius, if any (see :func:`group_rho`)."""
+    if "sam_rho" in group:
+        return "sam_rho"
+    if "rho" in group and "rho" not in optimizer.defaults:
+        return "rho"
+    return None
+
+
+def group_rho(optimizer: torch.optim.Optimizer, group: dict, default: float) -> float:
+    """A param group's own SAM radius: its ``"sam_rho"``, else its ``"rho"``, else ``default``.
+
+    ``"rho"`` counts only where the optimizer has no ``rho`` of its own (Adadelta's is a decay rate):
+    such an optimizer's groups take ``"sam_rho"``.
+
+    Example::
+
+        >>> w = torch.zeros(1, requires_grad=True)
+        >>> group_rho(torch.optim.SGD([{"params": [w], "rho": 0.1}], lr=0.1), {"rho": 0.1}, 0.05)
+        0.1
+        >>> adadelta = torch.optim.Adadelta([w])
+        >>> group_rho(adadelta, adadelta.param_groups[0], 0.05)   # Adadelta's rho=0.9 is not SAM's
+        0.05
+    """
+    key = _rho_key(optimizer, group)
+    return group[key] if key is not None else default
+
+
 def check_param_groups(optimizer: torch.optim.Optimizer) -> None:
-    """Raise if a param group carries an invalid ``"rho"``."""
+    """Raise if a param group carries an invalid SAM radius (``"sam_rho"``, or ``"rho"``: see :func:`group_rho`)."""
     for i, group in enumerate(optimizer.param_groups):
-        if "rho" in group:
-            check_non_negative(f"param_groups[{i}]['rho']", group["rho"])
+        key = _rho_key(optimizer, group)
+        if key is not None:
+            check_non_negative(f"param_groups[{i}][{key!r}]", group[key])

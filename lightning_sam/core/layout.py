@@ -11,8 +11,6 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from lightning_sam._compat import BatchNormBase, NormBase
-
 if TYPE_CHECKING:
     from lightning_sam.methods.base import Method
 
@@ -22,8 +20,6 @@ __all__ = ["ModuleLayout", "check_supported"]
 class ModuleLayout(NamedTuple):
     """What an update needs to know about the module, found once per fit (after SyncBatchNorm conversion)."""
 
-    norms: list[torch.nn.Module]  # BatchNorms: frozen in the perturbed pass by switching track_running_stats off
-    other_stats: list[Tensor]  # running statistics of other norm layers: put back after the perturbed pass
     metrics: list[torchmetrics.Metric]  # states put back after the perturbed pass
     buffers: list[Tensor]  # saved at the start of each update, restored if it is skipped or fails
     selected: frozenset[int] | None  # ids of the parameters to perturb (None: all)
@@ -58,14 +54,6 @@ class ModuleLayout(NamedTuple):
                 )
             selected = frozenset(map(id, chosen))
         return cls(
-            norms=[m for m in module.modules() if isinstance(m, BatchNormBase) and m.track_running_stats],
-            other_stats=[
-                b
-                for m in module.modules()
-                if isinstance(m, NormBase) and not isinstance(m, BatchNormBase) and m.track_running_stats
-                for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                if b is not None
-            ],
             metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
             buffers=list(module.buffers()),
             selected=selected,

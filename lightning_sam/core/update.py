@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_sam.core.backup import BufferBackup, GradientStash, MetricStates, WeightBackup, same_tensors
-from lightning_sam.core.groups import ParamGroup, check_param_groups
+from lightning_sam.core.backup import BufferBackup, GradientStash, MetricStates, PassReplay, WeightBackup, same_tensors
+from lightning_sam.core.groups import ParamGroup, check_param_groups, group_rho
 from lightning_sam.core.layout import ModuleLayout
 from lightning_sam.core.tensors import any_non_finite, global_norm, local
 
@@ -114,6 +114,7 @@ class SAMUpdate:
         self.last: SAMStepStats | None = None
         self.skipped_steps = 0
         self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
+        self._replay = PassReplay()
         self._layout: ModuleLayout | None = None
         self._params: list[Tensor] = []  # the optimizer's, in param-group order
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None  # weak: no cycle through a front end's key
@@ -209,6 +210,15 @@ class SAMUpdate:
         self._follow_(optimizer)
         return any(p.requires_grad and id(p) in selected for p in self._params)
 
+    def begin_clean_(self) -> None:
+        """Before the clean forward of a two-pass micro-batch: note the random generators and the buffers.
+
+        The perturbed pass (:meth:`descend_`) starts from them again: the same dropout masks and
+        augmentations, the buffers as the clean forward found them.
+        """
+        assert self._layout is not None, "bind_ first"
+        self._replay.mark_(self._layout.buffers)
+
     def note_loss(self, loss: Tensor) -> None:
         """Count a plain micro-batch's loss in the finite check."""
         self._losses.append(loss.detach())
@@ -260,13 +270,14 @@ class SAMUpdate:
         """The perturbed pass at ``w + e``, then ``w`` restored bit for bit; returns ``L(w + e)``.
 
         Args:
-            run: does the perturbed forward and backward and returns ``L(w + e)``. It runs with
-                BatchNorm running statistics frozen and torchmetrics states put back afterwards;
-                its gradients add to those of the earlier micro-batches.
+            run: does the perturbed forward and backward and returns ``L(w + e)``. It starts from the
+                random generators and buffers noted by :meth:`begin_clean_` (the same dropout masks);
+                the buffers it changes (BatchNorm statistics) and torchmetrics states are put back
+                afterwards; its gradients add to those of the earlier micro-batches.
         """
         self.begin_perturbed_()
         try:
-            with self._frozen(), torch.enable_grad():
+            with self._replayed(), torch.enable_grad():
                 perturbed_loss = run()
         except BaseException:
             self._weights.restore_()  # w <- saved w
@@ -446,6 +457,7 @@ class SAMUpdate:
         self._weights.discard()
         self._buffers.discard()
         self._stash.discard()
+        self._replay.discard()
         self._end_state()
 
     def abort_(self) -> None:
@@ -500,22 +512,23 @@ class SAMUpdate:
             for group in optimizer.param_groups:
                 group_params = [p for p in group["params"] if id(p) in chosen]
                 if group_params:
-                    found.append(ParamGroup(group.get("rho", self.method.radius) * self._scale(rho), group_params, []))
+                    radius = group_rho(optimizer, group, self.method.radius)
+                    found.append(ParamGroup(radius * self._scale(rho), group_params, []))
             return found
         assert self._layout is not None
         selected = self._layout.selected
         radius = self.method.radius
         scale = self._scale(rho)
         if len(optimizer.param_groups) == 1 and selected is None:  # the common case: nothing to filter
-            group_rho = optimizer.param_groups[0].get("rho", radius) * scale
-            return [ParamGroup(group_rho, params, grads)] if params else []
+            own = group_rho(optimizer, optimizer.param_groups[0], radius) * scale
+            return [ParamGroup(own, params, grads)] if params else []
         groups = []
         for group in optimizer.param_groups:
             # a group with rho 0 is not perturbed, but its gradient counts in the global ||g||
-            group_rho = group.get("rho", radius) * scale
+            own = group_rho(optimizer, group, radius) * scale
             params = [p for p in group["params"] if p.grad is not None and (selected is None or id(p) in selected)]
             if params:
-                groups.append(ParamGroup(group_rho, params, [p.grad for p in params]))
+                groups.append(ParamGroup(own, params, [p.grad for p in params]))
         return groups
 
     def _scale(self, rho: float) -> float:
@@ -524,19 +537,13 @@ class SAMUpdate:
         return rho / radius if radius else 1.0
 
     @contextmanager
-    def _frozen(self) -> Iterator[None]:
-        """Running statistics frozen, torchmetrics states put back afterwards."""
+    def _replayed(self) -> Iterator[None]:
+        """From the clean pass's start (generators, buffers); then the buffers and torchmetrics as it left them."""
         assert self._layout is not None
-        norms, stats = self._layout.norms, self._layout.other_stats
         metrics = MetricStates(self._layout.metrics)
-        saved_stats = [t.clone() for t in stats]  # a few small tensors (torch._foreach_clone: torch >= 2.12 only)
-        for m in norms:
-            m.track_running_stats = False  # batch statistics; running ones untouched
+        self._replay.enter_(self._layout.buffers)
         try:
             yield
         finally:
-            for m in norms:
-                m.track_running_stats = True
-            if stats:  # InstanceNorm and the like update them whatever track_running_stats says
-                torch._foreach_copy_(stats, saved_stats)
+            self._replay.exit_()
             metrics.restore()
