@@ -55,8 +55,9 @@ def sam_step(
 
     Zeroes the optimizer's gradients, runs ``closure()`` (the loss at the current weights ``w``; no
     backward) and ``fabric.backward`` on it, computes ``e`` for the parameters of ``optimizer`` (its param
-    groups, their ``"rho"``; ``method.only``), runs ``closure()`` again at ``w + e`` (BatchNorm statistics
-    frozen) with its backward, restores ``w`` bit for bit and calls ``optimizer.step()`` (Fabric's
+    groups, their ``"rho"``; ``method.only``), runs ``closure()`` again at ``w + e`` (the same random
+    draws, buffers updated by the clean pass only) with its backward, restores ``w`` bit for bit and
+    calls ``optimizer.step()`` (Fabric's
     precision: the GradScaler unscales, skips on inf and updates its scale). Single-pass methods
     (:class:`~lightning_sam.MomentumSAM`, :class:`~lightning_sam.RWP`) run ``closure`` once, at ``w + e``.
 

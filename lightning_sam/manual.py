@@ -42,10 +42,10 @@ def sam_step(
 
     Zeroes ``optimizer``'s gradients, runs ``closure()`` (the loss at the current weights ``w``, no
     backward) and ``module.manual_backward`` on it, computes ``e`` for the parameters of this optimizer
-    only (its param groups, their ``"rho"``), runs ``closure()`` again at ``w + e`` (BatchNorm
-    statistics frozen, ``self.log`` silent, torchmetrics put back) with its backward, restores ``w``
-    bit for bit and steps the optimizer through Lightning (``LightningOptimizer.step``: AMP,
-    ``global_step``, ``on_before_optimizer_step``).
+    only (its param groups, their ``"rho"``), runs ``closure()`` again at ``w + e`` (the same
+    random draws, buffers updated by the clean pass only, ``self.log`` silent, torchmetrics put back)
+    with its backward, restores ``w`` bit for bit and steps the optimizer through Lightning
+    (``LightningOptimizer.step``: AMP, ``global_step``, ``on_before_optimizer_step``).
 
     A non-finite loss or gradient skips this optimizer's update (weights, buffers and its state
     untouched); an exception in either pass leaves the weights as before, then propagates. Under DDP

@@ -6,8 +6,9 @@ checks in :mod:`lightning_sam.core`.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,9 @@ class SAMLightningModule(pl.LightningModule):
     1. the clean pass at ``w`` and its backward (under DDP without gradient all-reduce, so each
        replica computes its own ``e``, as in the paper);
     2. ``e(w)`` from that gradient (``sam``); ``w <- w + e``;
-    3. the perturbed pass at ``w + e`` and its backward, with BatchNorm running statistics frozen,
-       nothing logged and no torchmetrics updated (what ``training_step`` logs counts once);
+    3. the perturbed pass at ``w + e`` and its backward, with the clean pass's random draws (dropout
+       masks), buffers (BatchNorm statistics) updated by the clean pass only, nothing logged and no
+       torchmetrics updated (what ``training_step`` logs counts once);
     4. ``w`` restored bit for bit from a saved copy;
     5. then Lightning as always: ``on_before_optimizer_step``, clipping (unscaled under AMP), the
        optimizer step with the perturbed gradient, LR schedulers, ``global_step``.
@@ -65,7 +67,8 @@ class SAMLightningModule(pl.LightningModule):
     runs; the perturbed pass calls ``training_step`` a second time with the same batch.
 
     A step with a non-finite loss or gradient in either pass is skipped: weights, buffers and
-    optimizer state stay as they were, ``global_step`` advances, and ``sam/skipped_steps`` counts it.
+    optimizer state stay as they were, ``global_step`` advances, and ``sam/skipped_steps`` counts it
+    (an fp16 overflow under a GradScaler is the scaler's own skip, as in plain Lightning).
     An exception inside the step (the optimizer's included, if raised before it writes) leaves weights
     and buffers as they were before it, then propagates.
 
@@ -136,7 +139,7 @@ class SAMLightningModule(pl.LightningModule):
 
     @property
     def sam_skipped_steps(self) -> int:
-        """How many updates were skipped for a non-finite loss or gradient."""
+        """How many updates were skipped for a non-finite loss or gradient (not a GradScaler's overflows)."""
         return self._sam_update.skipped_steps
 
     @sam_skipped_steps.setter
@@ -322,8 +325,10 @@ class SAMLightningModule(pl.LightningModule):
                 update.perturb_(optimizer, lr=optimizer.param_groups[0]["lr"])
             elif update.is_sam_step:  # the perturbed pass draws the same random numbers, from the same buffers
                 update.begin_clean_()
+            # the perturbed pass gets the batch as the clean pass found it, whatever that pass pops from it
+            batch = (_containers_copied(args), kwargs) if update.is_sam_step and not single_pass else (args, kwargs)
             output = user_step(self, *args, **kwargs)
-        self._sam_pass.batch = (args, kwargs)
+        self._sam_pass.batch = batch
         clean_loss = _loss_or_none(output)
         self._sam_pass.clean_loss = clean_loss.detach() if clean_loss is not None else None  # no graph kept
         if single_pass and clean_loss is None:  # a skipped batch: no backward will put w back
@@ -427,6 +432,25 @@ class _PassState:
     clean_loss: Tensor | None = None
     takes_batch_idx: bool = True
     planned: bool = True  # the method knows the run's length (or does not need it)
+
+
+def _containers_copied(value: Any) -> Any:
+    """``value`` with its dicts, lists and tuples copied, all the way down; tensors and other leaves shared.
+
+    So a ``training_step`` that pops from its batch (``labels = batch.pop("labels")``) finds the same
+    batch again in the perturbed pass. A tensor changed in place is changed in both.
+    """
+    if isinstance(value, MutableMapping):
+        copied = copy.copy(value)  # the same class (a dict subclass, a UserDict such as a tokenizer's BatchEncoding)
+        for key in list(copied.keys()):
+            copied[key] = _containers_copied(copied[key])
+        return copied
+    if isinstance(value, list):
+        return type(value)(_containers_copied(v) for v in value) if type(value) is list else copy.copy(value)
+    if isinstance(value, tuple):
+        items = [_containers_copied(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 def _loss_or_none(output: Any) -> Tensor | None:

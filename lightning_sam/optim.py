@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_sam._compat import tensor_version
+from lightning_sam.core.tensors import any_non_finite
 from lightning_sam.core.update import SAMStepStats, SAMUpdate
 from lightning_sam.methods import ASAM as _ASAM
 from lightning_sam.methods import SAM as _SAMMethod
@@ -52,8 +53,8 @@ class SAM(torch.optim.Optimizer):
         adaptive: ASAM with ``eta = 0``, davda54's adaptive mode (``e = rho w^2 g / ||w g||``).
         method: any method of this package instead (``rho`` and ``adaptive`` are then unused):
             ``GSAM(...)``, ``MomentumSAM(...)``, ``RWP(...)``, ...
-        module: the model, if BatchNorm statistics should stay frozen in the perturbed pass of
-            ``step(closure)`` (torchmetrics states put back) and a skip should put its buffers back as
+        module: the model, if its buffers (BatchNorm statistics) should be updated by the clean pass of
+            ``step(closure)`` only (torchmetrics states put back) and a skip should put its buffers back as
             they were before the step's first training forward (a forward pre-hook notes when that is);
             davda54's file leaves them to you.
         **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
@@ -131,6 +132,9 @@ class SAM(torch.optim.Optimizer):
         if self._ascended:
             update.begin_perturbed_(keep_gradients=not zero_grad)
         elif zero_grad:  # a plain step (interval, an adaptive method's choice): the next backward is at w
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if grads:  # the clean gradient is dropped, but a non-finite one still skips the step (no host sync)
+                update.note_loss(torch.where(any_non_finite(grads), float("nan"), 0.0))
             self.zero_grad()
 
     @torch.no_grad()

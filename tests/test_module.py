@@ -397,3 +397,43 @@ def test_an_optimizers_own_rho_is_not_sams():
     own = _SAMAdadelta(sam=SAM(rho=0.0), group_rho={"sam_rho": 0.1})  # such groups take "sam_rho"
     trainer(max_steps=1).fit(own, make_loader())
     assert float(own.sam_last_step.eps_norm) == pytest.approx(0.1)
+
+
+def test_a_trained_module_pickles_and_its_copy_trains_on():
+    import pickle
+
+    model = SAMClassifier(sam=SAM(rho=0.05))
+    trainer(max_epochs=1).fit(model, make_loader())
+    copied = pickle.loads(pickle.dumps(model))  # torch.save(model) pickles it too
+    assert_same_state(state_copy(model), state_copy(copied))
+    before = state_copy(copied)
+    trainer(max_epochs=1).fit(copied, make_loader())
+    assert not torch.equal(before["net.0.weight"], copied.net[0].weight) and copied.sam_last_step is not None
+
+
+class _PopsLabels(Classifier):
+    """Takes its labels out of a dict batch, as Hugging Face models are fed."""
+
+    def training_step(self, batch, batch_idx):
+        labels = batch.pop("labels")
+        inputs = batch["inputs"]
+        return F.cross_entropy(self(inputs[0]), labels)
+
+
+class _SAMPopsLabels(SAMLightningModule, _PopsLabels):
+    pass
+
+
+@pytest.mark.parametrize("container", [dict, __import__("collections").UserDict])
+def test_a_training_step_that_pops_from_its_batch_gets_it_whole_in_the_perturbed_pass(container):
+    def loader():
+        collate = lambda rows: container(  # noqa: E731
+            inputs=[torch.stack([r[0] for r in rows])], labels=torch.stack([r[1] for r in rows])
+        )
+        return torch.utils.data.DataLoader(make_loader().dataset, batch_size=16, collate_fn=collate)
+
+    plain = _PopsLabels()
+    trainer(max_epochs=1).fit(plain, loader())
+    sam = _SAMPopsLabels(sam=SAM(rho=0.0))
+    trainer(max_epochs=1).fit(sam, loader())
+    assert_same_state(state_copy(plain), state_copy(sam))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lightning_sam import GSAM, MomentumSAM
+from lightning_sam import AESAM, GSAM, MomentumSAM
+from lightning_sam import SAM as SAMMethod
 from lightning_sam.optim import SAM
 from tests.helpers import make_loader, make_net
 from tests.reference.davda54_sam import SAM as Davda54SAM
@@ -302,3 +303,28 @@ def test_the_two_call_loop_reports_its_step_and_the_closure_free_one_no_made_up_
         single.step()
         single.zero_grad()
     assert single.last_step.perturbed_loss is None and single.last_step.eps_norm.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", [SAMMethod(0.05, interval=2), AESAM(0.05, c=-1.0)], ids=["interval", "aesam"])
+def test_a_non_finite_clean_gradient_on_a_plain_step_of_the_two_call_loop_is_skipped(method):
+    """first_step(zero_grad=True) on a plain step drops the clean gradient: its non-finite values still count."""
+    net = make_net(batchnorm=False)
+    opt = SAM(net.parameters(), torch.optim.SGD, method=method, lr=0.1, momentum=0.9)
+    x, y = next(iter(make_loader(batch_size=16)))
+    for step in range(3):
+        before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.base_optimizer.state_dict())
+        loss = F.cross_entropy(net(x), y)
+        if step == 1:  # a plain step of interval=2; for AESAM a non-finite norm makes it one
+            loss = loss + 0 * torch.sqrt(net[2].weight[0, 0] * 0)  # finite loss, NaN gradient
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(net(x), y).backward()  # the second pass is finite
+        skipped = opt.second_step(zero_grad=True)
+        if step == 1:
+            assert skipped and opt.skipped_steps == 1
+            for key, value in before[0].items():
+                assert torch.equal(value, net.state_dict()[key]), key
+            after = opt.base_optimizer.state_dict()["state"]
+            assert before[1]["state"].keys() == after.keys() and after
+            for i in after:
+                assert torch.equal(before[1]["state"][i]["momentum_buffer"], after[i]["momentum_buffer"])

@@ -1,14 +1,16 @@
 """Mixed precision, non-finite steps, exceptions and resume: nothing is ever lost."""
 
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_sam import ASAM, SAM, LatePhaseSAM
+from lightning_sam import ASAM, SAM, LatePhaseSAM, SAMLightningModule
 from tests.helpers import (
+    Classifier,
     SAMClassifier,
     Snapshots,
     assert_same_state,
@@ -43,29 +45,46 @@ def test_mixed_precision_trains(precision):
         assert max(norms) < 100  # every step, the first included (before the scaler made its scale tensor)
 
 
-def test_fp16_overflow_never_reaches_the_weights():
-    class Overflow(SAMClassifier):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            return loss * 1e4 if self.trainer.global_step == 1 else loss  # scaled by 65536: inf in fp16
+class _Overflow(Classifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if self.trainer.global_step == 1 else loss  # scaled by 65536: inf in fp16
 
-    model = Overflow(sam=SAM(0.05))
-    t = trainer(max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")])
+
+class _SAMOverflow(SAMLightningModule, _Overflow):
+    pass
+
+
+def _fit_overflowing(model: pl.LightningModule) -> tuple[list, pl.Trainer]:
     states = []
 
     class Snap(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             states.append((state_copy(pl_module.net), copy.deepcopy(trainer.optimizers[0].state_dict())))
 
-    t.callbacks.append(Snap())
-    with pytest.warns(RuntimeWarning, match="skipped the update at global step 1"):
-        t.fit(model, make_loader(batch_size=16))
-    assert t.global_step == 3
-    assert model.sam_skipped_steps == 1
-    assert_same_state(states[1][0], states[2][0])  # step 1 changed nothing, BN statistics included
-    scaler = t.precision_plugin.scaler
-    assert scaler.get_scale() == 65536.0 / 2  # the scaler backed off once
-    assert all(torch.isfinite(v).all() for v in state_copy(model.net).values())
+    t = trainer(max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")], callbacks=[Snap()])
+    t.fit(model, make_loader(batch_size=16))
+    return states, t
+
+
+def test_fp16_overflow_is_the_grad_scalers_skip_as_in_plain_lightning():
+    plain_states, plain = _fit_overflowing(_Overflow())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the scaler's routine: no warning of ours
+        states, t = _fit_overflowing(_SAMOverflow(sam=SAM(0.0)))
+    assert t.global_step == plain.global_step == 3 and t.lightning_module.sam_skipped_steps == 0
+    assert t.precision_plugin.scaler.get_scale() == plain.precision_plugin.scaler.get_scale() == 65536.0 / 2
+    for (ours, _), (theirs, _) in zip(states, plain_states, strict=True):
+        assert_same_state(ours, theirs)  # BatchNorm statistics kept from the overflowing step's forward too
+
+    states, t = _fit_overflowing(_SAMOverflow(sam=SAM(0.05)))
+    weights = [{k: v for k, v in s.items() if "running" not in k and "tracked" not in k} for s, _ in states]
+    assert_same_state(weights[1], weights[2])  # the overflowing step changed no weight
+    before, after = states[1][1]["state"], states[2][1]["state"]
+    assert before and before.keys() == after.keys()
+    for i in before:  # nor the optimizer's state
+        assert all(torch.equal(v, after[i][k]) for k, v in before[i].items())
+    assert all(torch.isfinite(v).all() for v in state_copy(t.lightning_module.net).values())
 
 
 # ---------------------------------------------------------------------------------------------- safety

@@ -78,6 +78,11 @@ class SAMStepStats(NamedTuple):
         return {k: v for k, v in figures.items() if v is not None}
 
 
+def _joined(losses: list[Tensor]) -> list[Tensor]:
+    """The losses as one new tensor (the check must not write to the caller's), promoted to a common dtype."""
+    return [torch.cat([loss.reshape(-1) for loss in losses])] if losses else []
+
+
 class SAMUpdate:
     """Runs the SAM updates of one optimizer and keeps what is needed to undo one.
 
@@ -112,7 +117,7 @@ class SAMUpdate:
     def __init__(self, method: Method) -> None:
         self.method = method
         self.last: SAMStepStats | None = None
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # non-finite losses or gradients (a GradScaler's overflow is its own)
         self._weights, self._buffers, self._stash = WeightBackup(), BufferBackup(), GradientStash()
         self._replay = PassReplay()
         self._layout: ModuleLayout | None = None
@@ -120,12 +125,25 @@ class SAMUpdate:
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None  # weak: no cycle through a front end's key
         self._end_state()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save(model)``) without the optimizer's weak reference or the step's backups.
+
+        The next update reads the optimizer again; outside an update the backups hold nothing needed.
+        """
+        state = self.__dict__.copy()
+        state["_optimizer"], state["_params"] = None, []
+        if not self._open:
+            state["_weights"], state["_buffers"], state["_stash"] = WeightBackup(), BufferBackup(), GradientStash()
+            state["_replay"] = PassReplay()
+        return state
+
     def _end_state(self) -> None:
         self._open = False
         self._sam = False
         self._ascended = False
         self._step = 0
-        self._losses: list[Tensor] = []  # checked with the descent gradient in close_
+        self._losses: list[Tensor] = []  # L(w) (or the single pass's loss), checked with the descent gradient
+        self._perturbed_losses: list[Tensor] = []  # L(w + e) of the two-pass route, checked with them
         self._pending: tuple[Tensor, Tensor, Tensor, float] | None = None
 
     # ------------------------------------------------------------------ per fit
@@ -305,7 +323,7 @@ class SAMUpdate:
         self.last = SAMStepStats(loss, None if perturbed_loss is None else perturbed_loss.detach(), grad_norm,
                                  eps_norm, rho)  # fmt: skip
         if perturbed_loss is not None:
-            self._losses.append(perturbed_loss.detach())
+            self._perturbed_losses.append(perturbed_loss.detach())
 
     # ------------------------------------------------------------------ the single-pass route
     @torch.no_grad()
@@ -383,10 +401,13 @@ class SAMUpdate:
 
         Runs a plain step's descent, then the step's one host sync: whether a loss or the descent
         gradient is not finite (``any_rank`` makes every replica agree). A skipped update puts the
-        buffers back and leaves the gradients such that the optimizer step changes nothing: none
-        (torch's optimizers skip parameters without one), or, under a GradScaler (``scaler``),
-        a NaN, so that it skips the step and lowers its scale. ``loss_scale``: the AMP scale the
-        gradients carry, for a method whose descent reads their size (``Method.descent_unscales``).
+        buffers back, counts in ``skipped_steps`` and leaves the gradients such that the optimizer
+        step changes nothing: none (torch's optimizers skip parameters without one), or, under a
+        GradScaler (``scaler``), a NaN, so that it skips the step and lowers its scale. Under a
+        GradScaler, non-finite gradients with a finite clean loss are an fp16 overflow: the scaler's
+        own skip, as in plain training (the buffers keep the clean pass's update; not counted).
+        ``loss_scale``: the AMP scale the gradients carry, for a method whose descent reads their
+        size (``Method.descent_unscales``).
         """
         params = [p for p in self._params if p.grad is not None]
         if self._open and not self._sam:
@@ -397,11 +418,13 @@ class SAMUpdate:
             else:
                 self.method.descent_(params)
         grads = [p.grad for p in params]
-        # the losses as one new tensor (the check must not write to the caller's), promoted to a common dtype
-        checked = [*grads, torch.cat([loss.reshape(-1) for loss in self._losses])] if self._losses else grads
-        skip = any_rank(bool(any_non_finite(checked)))
+        losses = [*self._losses, *self._perturbed_losses]
+        skip = any_rank(bool(any_non_finite([*grads, *_joined(losses)])))
         if skip:
-            self._skip(optimizer, grads, scaler)
+            if scaler and not any_rank(bool(any_non_finite(_joined(self._losses)))):
+                self._overflow(grads)  # finite losses at w: the GradScaler's overflow, its own skip
+            else:
+                self._skip(optimizer, grads, scaler)
         return skip
 
     def passes_(
@@ -474,6 +497,17 @@ class SAMUpdate:
         self.end_()
 
     # ------------------------------------------------------------------ internals
+    def _overflow(self, grads: list[Tensor]) -> None:
+        """An fp16 overflow under a GradScaler: it skips the step and lowers its scale, as in plain training.
+
+        The buffers keep the clean pass's update (plain training's keep its forward's), and the skip is
+        the scaler's routine, not counted in ``skipped_steps``; the method forgets what this step found.
+        """
+        if self._ascended:
+            self.method.skip_()
+        if grads and not bool(any_non_finite(grads)):  # only another replica overflowed: this one skips too
+            local(grads[:1])[0].fill_(float("nan"))
+
     def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
         self._buffers.restore_()
         if self._ascended:
