@@ -193,18 +193,27 @@ def choices(cfg: DictConfig) -> dict[str, Any]:
 
 
 def prepare_data(cfg: DictConfig, datamodule: Any) -> None:
-    """Generate or find (or download) the data now, so that a missing archive is a config error."""
+    """Generate or find (or download) the data now, and split it, so that a missing archive is a config error.
+
+    Also refuses a split that leaves nothing to train on (``data.val_fraction`` near 1).
+    """
+    where = f"data.data_dir={cfg.data.get('data_dir')!r}"
     try:
         datamodule.prepare_data()
     except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    except OSError as err:  # e.g. data.download=true without a network
+        message = str(err) if "data_dir" in str(err) else f"Cannot find or write the data at `{where}`: {err}"
+        raise ConfigError(message) from err
+    except OSError as err:  # e.g. data.download=true without a network, a folder that cannot be written
         reason = getattr(err, "reason", None) or err
+        hint = " Put the archive there yourself, or check the network for data.download=true." if (
+            "download" in cfg.data) else " Pick a folder that can be written."  # fmt: skip
         raise ConfigError(
-            f"Could not get the data for data={choices(cfg).get('data', '?')} into "
-            f"data.data_dir={cfg.data.get('data_dir')!r} ({reason}). Put the archive there yourself, or check the "
-            "network for data.download=true."
+            f"Could not get the data for data={choices(cfg).get('data', '?')} into `{where}` ({reason}).{hint}"
         ) from err
+    try:
+        datamodule.setup("fit")
+    except ValueError as err:
+        raise ConfigError(f"Invalid `data` config: {_name_keys(str(err).splitlines()[0], cfg.data, 'data')}") from err
 
 
 def check_top_level(cfg: DictConfig) -> None:

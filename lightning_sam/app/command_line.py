@@ -21,10 +21,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CommandLineError", "check_command_line", "is_multirun"]
+__all__ = ["CommandLineError", "check_command_line", "is_multirun", "multirun_flags_first"]
 
 _CONFIG_MODULE, _CONFIG_NAME = "lightning_sam.configs", "train"
 _MULTIRUN_FLAGS = ("-m", "--multirun")
+_MULTIRUN_MODE = re.compile(r"\+*hydra\.mode=(RunMode\.)?MULTIRUN")
 _MAX_COMPOSITIONS = 64  # a sweep checks each of its values once (others at their first value), up to this many
 
 
@@ -47,13 +48,22 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in _MULTIRUN_FLAGS for f in flags):
         return []  # --cfg, --help, --config-name, ...: Hydra's own business
-    multirun = bool(flags)
     overrides = [a for a in argv if not a.startswith("-")]
+    multirun = bool(flags) or any(_MULTIRUN_MODE.fullmatch(o.replace(" ", "")) for o in overrides)
     parsed = _parse(overrides)
-    configs = [_compose(variant, multirun) for variant in _variants(overrides, parsed, multirun)]
+    configs = []
+    for variant in _variants(overrides, parsed, multirun):
+        cfg = _compose(variant, multirun)
+        _check_interpolations(cfg, variant)
+        configs.append(cfg)
     if configs:
         _check_run_directory(configs[0], is_multirun(configs[0], multirun))
     return configs
+
+
+def multirun_flags_first(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``-m``/``--multirun`` moved in front of the overrides, where Hydra's parser wants them."""
+    return [a for a in argv if a in _MULTIRUN_FLAGS] + [a for a in argv if a not in _MULTIRUN_FLAGS]
 
 
 def is_multirun(cfg: DictConfig, flag: bool) -> bool:
@@ -134,7 +144,8 @@ def _missing_option(message: str, overrides: list[str]) -> str:
     if found is None:
         return message.splitlines()[0]
     group, option = found.groups()
-    typed = _typed(group, overrides) if any(o.split("=")[0].lstrip("+~") == group for o in overrides) else None
+    chosen = [o for o in overrides if o.split("=")[0].lstrip("+~") == group]
+    typed = next((o for o in chosen if o.partition("=")[2] == option), chosen[0] if chosen else None)
     where = f"`{typed}`" if typed else f"`{group}: {option}` (from a config file)"
     accepted = f"; expected one of: {', '.join(options)}" if options else ""
     return f"{where} is not an option of the config group `{group}`{accepted}."
@@ -168,14 +179,52 @@ def _composition(message: str, overrides: list[str], multirun: bool) -> str:
     return first
 
 
+def _check_interpolations(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse an interpolation that cannot be resolved (``${oops}``, or a key removed with ``~``).
+
+    Values from Hydra's run (``${hydra:...}``, the run directory) resolve only there and are left alone.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in _interpolated(raw, ""):  # type: ignore[arg-type]
+        if key == "hydra" or key.startswith("hydra.") or "${hydra:" in value:
+            continue
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True, throw_on_missing=False)
+        except Exception as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if "hydra" in reason.lower():  # through a value of Hydra's run (${output_dir})
+                continue
+            typed = _typed(key, overrides).replace("\\{", "{").replace("\\}", "}")
+            where = f"`{typed}`" if typed != key else f"`{key}: {value}` (from the config)"
+            missing = re.search(r"Interpolation key '([^']+)' not found", reason)
+            removed = f" (removed by `~{missing.group(1)}`)" if missing and f"~{missing.group(1)}" in overrides else ""
+            raise CommandLineError(f"{where} cannot be resolved: {reason}{removed}.") from None
+
+
+def _interpolated(node: object, prefix: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` of every string value holding an interpolation, as written."""
+    if isinstance(node, dict):
+        return [
+            kv for k, v in node.items() for kv in _interpolated(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        ]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _interpolated(v, f"{prefix}[{i}]")]
+    return [(prefix, node)] if isinstance(node, str) and "${" in node else []
+
+
 def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
-    """Refuse a run (or sweep) directory whose nearest existing folder cannot be written."""
+    """Refuse a run (or sweep) directory, or a checkpoint or logger folder, where no folder can be written."""
     raw: dict = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]  # as written
     kind = "sweep" if multirun else "run"
     candidates = [(f"hydra.{kind}.dir", raw.get("hydra", {}).get(kind, {}).get("dir"))]
     output_dir = raw.get("output_dir")
     if isinstance(output_dir, str) and "${" not in output_dir:  # set to a folder of its own
         candidates.append(("output_dir", output_dir))
+    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")):
+        nodes = raw.get(group) or {}
+        candidates += [
+            (f"{group}.{name}.{key}", node.get(key)) for name, node in nodes.items() if isinstance(node, dict)
+        ]
     for name, value in candidates:
         if not isinstance(value, str):
             continue
@@ -183,9 +232,9 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
         path = Path(os.path.dirname(fixed) if interpolated and not fixed.endswith("/") else fixed or ".")
         problem = _unwritable(path)
         if problem:
+            what = "the run directory " if name in (f"hydra.{kind}.dir", "output_dir") else ""
             raise CommandLineError(
-                f"Cannot write the run directory {value} (`{name}`): {problem}. Pick a writable place, e.g. "
-                f"{name}=/tmp/run."
+                f"Cannot write {what}{value} (`{name}`): {problem}. Pick a writable place, e.g. {name}=/tmp/run."
             )
 
 

@@ -53,7 +53,7 @@ from lightning_sam.app.checks import (
     prepare_data,
     warn_unreached_milestones,
 )
-from lightning_sam.app.command_line import CommandLineError, check_command_line, is_multirun
+from lightning_sam.app.command_line import CommandLineError, check_command_line, is_multirun, multirun_flags_first
 from lightning_sam.app.resume import Resume
 from lightning_sam.app.run_dir import (
     check_run_dir,
@@ -273,6 +273,8 @@ def main() -> None:
     launchers each job checks its own where it runs.
     """
     remember_new_folders(None, False)
+    if all(not a.startswith("-") or a in ("-m", "--multirun") for a in sys.argv[1:]):
+        sys.argv[1:] = multirun_flags_first(sys.argv[1:])  # `key=value -m ...` runs as Hydra's `-m key=value ...`
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         try:
             configs = check_command_line(sys.argv[1:])

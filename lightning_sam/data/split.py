@@ -116,6 +116,11 @@ class SplitDataModule(pl.LightningDataModule):
     def split(self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
         """Hold out the validation part, add label noise to the rest, keep the test split as it is."""
         train, val = split_indices(len(y), self.val_fraction, self.seed)
+        if len(train) == 0:
+            raise ValueError(
+                f"Expected `val_fraction` to leave at least one of the {len(y)} training samples to train on, got "
+                f"{self.val_fraction} (at most {1 - 1 / len(y):.6g})."
+            )
         self.clean_train_labels = y[train]
         self.train_set = TensorDataset(x[train], flip_labels(y[train], self.label_noise, self.num_classes, self.seed))
         self.val_set = TensorDataset(x[val], y[val])

@@ -83,13 +83,24 @@ def _error_line(err: str) -> str:
         ("trainer.limit_test_batches=0.001", r"`trainer.limit_test_batches` to leave at least one of the 8 test"),
         ("trainer.log_every_n_steps=-1", r"Expected `trainer.log_every_n_steps` to be null or an int >= 0"),
         ("trainer.deterministic=abc", r"Expected `trainer.deterministic` to be true, false, warn or null, got 'abc'"),
+        ("sam.rho=${oops}", r"`sam.rho=\$\{oops\}` cannot be resolved: Interpolation key 'oops' not found"),
+        ("~trainer.max_epochs", r"`scheduler.T_max: \$\{trainer.max_epochs\}` \(from the config\) cannot be resolved"
+                                r".*\(removed by `~trainer.max_epochs`\)"),
+        ("callbacks.checkpoint.dirpath=/proc/ck", r"Cannot write /proc/ck \(`callbacks.checkpoint.dirpath`\)"),
+        ("logger.csv.save_dir=/proc/lg", r"Cannot write /proc/lg \(`logger.csv.save_dir`\)"),
+        ("sam=asam sam=bogus", r"^error: `sam=bogus` is not an option of the config group `sam`"),
+        ("data.val_fraction=0.9999", r"`data.val_fraction` to leave at least one of the 4000 training samples"),
+        ("data.data_dir=/proc/foo", r"Cannot find or write the data at `data.data_dir='/proc/foo'`"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_run_directory(
     tmp_path, mnist1d_dir, monkeypatch, capsys, override, match
 ):
     run = tmp_path / "run"
-    code, out, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, run, *override.split()))
+    args = _base(mnist1d_dir, run, *override.split())
+    if override.startswith("data.data_dir="):
+        args.remove(f"data.data_dir={mnist1d_dir}")
+    code, out, err = _run(monkeypatch, capsys, *args)
     assert code == 2, err[-3000:]
     assert re.search(match, _error_line(err)), err
     assert "Traceback" not in err and "test accuracy" not in out
@@ -116,6 +127,23 @@ def test_a_sweep_with_a_bad_value_is_refused_before_any_job(tmp_path, mnist1d_di
     assert re.search(rf"Expected `{re.escape(key)}` to be .*got (-1|0)\.", _error_line(err)), err
     assert "test accuracy" not in out and "Launching" not in out + err
     assert not sweep.exists()
+
+
+@pytest.mark.parametrize("how", ["-m after the overrides", "hydra.mode=MULTIRUN"])
+def test_a_sweep_asked_for_otherwise_than_by_a_leading_m_is_checked_and_runs(
+    tmp_path, mnist1d_dir, monkeypatch, capsys, how
+):
+    def sweep(value: str, where: Path) -> tuple[int, str, str]:
+        args = ["debug=default", f"data.data_dir={mnist1d_dir}", "test=false", "trainer.max_epochs=1", value,
+                f"hydra.sweep.dir={where}"]  # fmt: skip
+        return _run(monkeypatch, capsys, *([*args, "-m"] if how.startswith("-m") else [how, *args]))
+
+    code, _, err = sweep("sam.rho=0.05,${oops}", tmp_path / "bad")
+    assert code == 2 and "`sam.rho=${oops}` cannot be resolved" in _error_line(err)
+    assert not (tmp_path / "bad").exists()
+    code, _, err = sweep("sam.rho=0.05,0.1", tmp_path / "good")
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "good").iterdir() if p.is_dir()) == ["0", "1"]
 
 
 def test_a_sweep_runs_as_its_jobs_would_alone(tmp_path, mnist1d_dir, monkeypatch, capsys):
