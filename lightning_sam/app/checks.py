@@ -8,6 +8,7 @@ code that will use it, and maps each refusal to the full key (``callbacks.checkp
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import logging
@@ -119,10 +120,21 @@ def _unexpected_argument(reason: str, node: Any, key: str) -> str | None:
     name = found.group(1)
     for full, sub in [(key, node), *_nested(node, key)]:
         target = sub.get("_target_")
-        accepted = _arguments(str(target)) if target is not None else []
-        if name in sub and accepted and name not in accepted:
-            return f"`{full}.{name}` is not an argument of {target}; it takes: {', '.join(accepted)}."
+        if target is None or name not in sub:
+            continue
+        accepted = _arguments(str(target))
+        if name not in accepted:
+            return _not_an_argument(f"{full}.{name}", str(target), accepted)
     return None
+
+
+def _not_an_argument(key: str, target: str, accepted: list[str]) -> str:
+    """``key`` is not an argument of ``target``: the arguments it takes, and the closest if it looks like a typo."""
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, accepted, n=1)
+    typo = f" (did you mean `{key.rsplit('.', 1)[0]}.{close[0]}`?)" if close else ""
+    takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes none"
+    return f"`{key}` is not an argument of {target}{typo}; {takes}."
 
 
 def _nested(node: DictConfig, key: str) -> list[tuple[str, DictConfig]]:
@@ -469,6 +481,10 @@ def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.T
             except Exception:  # this key alone does not explain it
                 continue
             culprits.append(f"trainer.{name}={show(value)}")
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", reason)
+        if unexpected and unexpected.group(1) in trainer_cfg:
+            target = str(trainer_cfg["_target_"])
+            raise ConfigError(_not_an_argument(f"trainer.{unexpected.group(1)}", target, _arguments(target))) from cause
         if not culprits:
             raise ConfigError(f"The Trainer refused the `trainer` config with these callbacks: {reason}") from cause
         hint = " (no GPU here: trainer=cpu)" if "trainer.accelerator=gpu" in culprits else ""

@@ -91,6 +91,10 @@ def _error_line(err: str) -> str:
         ("sam=asam sam=bogus", r"^error: `sam=bogus` is not an option of the config group `sam`"),
         ("data.val_fraction=0.9999", r"`data.val_fraction` to leave at least one of the 4000 training samples"),
         ("data.data_dir=/proc/foo", r"Cannot find or write the data at `data.data_dir='/proc/foo'`"),
+        ("+trainer.max_epoch=3", r"`trainer.max_epoch` is not an argument of lightning.pytorch.Trainer \(did you "
+                                 r"mean `trainer.max_epochs`\?\); it takes: accelerator, strategy"),
+        ("+callbacks.sharpness.every=3", r"`callbacks.sharpness.every` is not an argument of .*SharpnessMonitor; it "
+                                         r"takes none"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_run_directory(
