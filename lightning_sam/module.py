@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ _WRAPPED_HOOKS = (
     "on_fit_start",
     "on_save_checkpoint",
     "on_load_checkpoint",
+    "configure_callbacks",
 )
 _CHECKPOINT_KEY = "lightning_sam"
 
@@ -250,6 +251,14 @@ class SAMLightningModule(pl.LightningModule):
             super().log(name, value, *args, **kwargs)
 
     # ------------------------------------------------------------------ wrapped hooks
+    def _sam_configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
+        callbacks = type(self).configure_callbacks(self)
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, _UndoOnException) for c in trainer.callbacks):
+            return callbacks  # a later fit of the same Trainer (after the Tuner's): it has one
+        listed = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks] if callbacks else []
+        return [*listed, _UndoOnException()]
+
     def _sam_on_fit_start(self) -> None:
         type(self).on_fit_start(self)
         self._sam_bind(self.trainer)  # again after a finder: it restored the module as it was
@@ -420,6 +429,21 @@ class SAMLightningModule(pl.LightningModule):
         # an adaptive method chose a plain step: a clean pass kept local must now be averaged (at the last micro-batch)
         plain_step_params = list(self.parameters()) if last else None
         context.passes_(update, optimizer, clean_loss, clean_backward, perturbed_pass, plain_step_params)
+
+
+class _UndoOnException(pl.Callback):
+    """Puts weights and buffers back when fit stops on an exception in the middle of a SAM update.
+
+    The mixin's own hooks guard the step, but Lightning runs the micro-batches of an accumulation
+    window before the last outside ``optimizer_step``: a callback's ``on_before_backward`` raising there
+    would leave a single-pass method's ``w + e`` in the module. Lightning calls ``on_exception`` before
+    the checkpoint callbacks' (``OnExceptionCheckpoint`` then saves ``w``).
+    """
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, SAMLightningModule) and pl_module._sam_update.is_open:
+            pl_module._sam_update.abort_()
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_sam import ASAM, SAM, LatePhaseSAM, SAMLightningModule
+from lightning_sam import ASAM, SAM, LatePhaseSAM, MomentumSAM, SAMLightningModule
 from tests.helpers import (
     Classifier,
     SAMClassifier,
@@ -247,3 +247,29 @@ def test_a_mid_epoch_resume_with_a_resumable_loader_is_exact(tmp_path, method):
     resumed, t = fit([], ckpt_path=path)
     assert t.global_step == 12
     assert_same_state(whole, resumed)
+
+
+class _RaiseBeforeBackward(pl.Callback):
+    """Raises in on_before_backward of batch 2: the first micro-batch of the second accumulation window."""
+
+    def __init__(self):
+        self.batch_idx, self.before = -1, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_idx = batch_idx
+        if batch_idx == 2:
+            self.before = state_copy(pl_module)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self.batch_idx == 2:
+            raise RuntimeError("injected")
+
+
+@pytest.mark.parametrize("method", [SAM(0.05), MomentumSAM(0.5)], ids=["sam", "msam"])
+def test_an_exception_between_the_passes_of_an_earlier_micro_batch_puts_everything_back(method):
+    """Lightning runs micro-batches before the last outside optimizer_step: the mixin's callback undoes them too."""
+    raising = _RaiseBeforeBackward()
+    model = SAMClassifier(sam=method)
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[raising]).fit(model, make_loader())
+    assert_same_state(raising.before, state_copy(model))  # single-pass: not left at w + e; BatchNorm: as before
