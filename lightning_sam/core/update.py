@@ -141,6 +141,7 @@ class SAMUpdate:
         self._open = False
         self._sam = False
         self._ascended = False
+        self._decided = False  # an adaptive method decided this update (its statistics moved)
         self._step = 0
         self._losses: list[Tensor] = []  # L(w) (or the single pass's loss), checked with the descent gradient
         self._perturbed_losses: list[Tensor] = []  # L(w + e) of the two-pass route, checked with them
@@ -272,6 +273,7 @@ class SAMUpdate:
         unscale = (lambda norm: norm / loss_scale) if loss_scale is not None else (lambda norm: norm)
         if self.method.adaptive:
             wants = self.method.wants_sam_(unscale(global_norm(grads)))
+            self._decided = True
             if not any_rank(wants):
                 self._stash.add_back_(self._params)
                 return False
@@ -492,7 +494,7 @@ class SAMUpdate:
         self._weights.restore_()
         if self._open:
             self._buffers.restore_()
-        if self._ascended:
+        if self._ascended or self._decided:
             self.method.skip_()
         self.end_()
 
@@ -503,14 +505,14 @@ class SAMUpdate:
         The buffers keep the clean pass's update (plain training's keep its forward's), and the skip is
         the scaler's routine, not counted in ``skipped_steps``; the method forgets what this step found.
         """
-        if self._ascended:
+        if self._ascended or self._decided:
             self.method.skip_()
         if grads and not bool(any_non_finite(grads)):  # only another replica overflowed: this one skips too
             local(grads[:1])[0].fill_(float("nan"))
 
     def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
         self._buffers.restore_()
-        if self._ascended:
+        if self._ascended or self._decided:
             self.method.skip_()
         self.skipped_steps += 1
         if self.skipped_steps == 1:

@@ -54,6 +54,7 @@ class AESAM(SAM):
         def __init__(self) -> None:
             super().__init__()
             self.stats: dict[str, Any] = {"mean": 0.0, "var": 0.0, "steps": 0, "sam_steps": 0}
+            self.before: dict[str, Any] | None = None  # the statistics before this update's decision
 
     def __post_init__(self) -> None:
         if self.interval != 1:
@@ -75,6 +76,7 @@ class AESAM(SAM):
         stats = self.state.stats
         if not math.isfinite(x):  # a step that will be skipped: no SAM pass, statistics untouched
             return False
+        self.state.before = dict(stats)  # a skipped or failed update puts them back (skip_)
         if stats["steps"] == 0:
             stats["mean"], stats["var"] = x, 0.0
         if self.c == math.inf:
@@ -89,6 +91,12 @@ class AESAM(SAM):
         stats["steps"] += 1
         stats["sam_steps"] += sam
         return sam
+
+    @override
+    def skip_(self) -> None:
+        """The update was skipped or failed: the statistics go back to where its decision found them."""
+        if self.state.before is not None:
+            self.state.stats, self.state.before = self.state.before, None
 
     @property
     def sam_fraction(self) -> float:

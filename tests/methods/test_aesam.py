@@ -66,3 +66,34 @@ def test_aesam_ignores_a_non_finite_gradient_norm():
     assert method.wants_sam_(torch.tensor(float("inf"))) is False  # that step is skipped anyway
     assert method.state_dict()["stats"] == before
     assert method.wants_sam_(torch.tensor(1.6)) is True  # and the rule still works afterwards
+
+
+@pytest.mark.parametrize("fault", ["nan", "exception"])
+def test_a_skipped_or_failed_update_leaves_the_statistics_as_they_were(fault):
+    from lightning_sam.optim import SAM as SAMOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = SAMOptimizer(net.parameters(), torch.optim.SGD, method=AESAM(0.05, c=-math.inf), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    calls = []
+
+    def closure(bad: bool = False):
+        calls.append(1)
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        if bad and len(calls) % 2 == 0:  # the perturbed pass
+            if fault == "exception":
+                raise RuntimeError("injected")
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    opt.step(closure)
+    before = dict(opt.method.state.stats)
+    opt.zero_grad()
+    try:
+        opt.step(lambda: closure(bad=True))
+    except RuntimeError:
+        assert fault == "exception"
+    assert opt.method.state.stats == before and before["steps"] == 1
