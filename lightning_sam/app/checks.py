@@ -66,7 +66,8 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
+        reason = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         unexpected = _unexpected_argument(reason, node, key)
         if unexpected:
             raise ConfigError(unexpected) from cause
@@ -308,10 +309,13 @@ def check_schedule(cfg: DictConfig, trainer_cfg: dict) -> None:
     if enabled(cfg.scheduler) and "T_max" in cfg.scheduler:
         t_max = cfg.scheduler.T_max
         if not is_int(t_max, 1):
+            epochs = trainer_cfg.get("max_epochs")
+            endless = "" if is_int(epochs, 1) else (
+                f": with trainer.max_epochs={epochs!r} the run has no end by epochs. Set scheduler.T_max, or use "
+                "scheduler=none or scheduler=step"
+            )  # fmt: skip
             raise ConfigError(
-                f"Expected `scheduler.T_max` to be an int >= 1 (epochs to decay over), got {t_max!r}: with "
-                f"trainer.max_epochs={trainer_cfg.get('max_epochs')!r} the run has no end by epochs. Set "
-                "scheduler.T_max, or use scheduler=none or scheduler=step."
+                f"Expected `scheduler.T_max` to be an int >= 1 (epochs to decay over), got {t_max!r}{endless}."
             )
 
 

@@ -52,9 +52,16 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     multirun = bool(flags) or any(_MULTIRUN_MODE.fullmatch(o.replace(" ", "")) for o in overrides)
     parsed = _parse(overrides)
     configs = []
-    for variant in _variants(overrides, parsed, multirun):
-        cfg = _compose(variant, multirun)
-        _check_interpolations(cfg, variant)
+    variants = _variants(overrides, parsed, multirun)
+    for variant in variants:
+        try:
+            cfg = _compose(variant, multirun)
+            _check_interpolations(cfg, variant)
+        except CommandLineError as err:
+            swept = [_unescaped(v) for v, o in zip(variant, overrides) if v != o] if len(variants) > 1 else []
+            if not swept or all(f"`{v}`" in str(err) for v in swept):
+                raise
+            raise CommandLineError(f"{str(err).rstrip('.')} (in the job with {', '.join(swept)}).") from None
         configs.append(cfg)
     if configs:
         _check_run_directory(configs[0], is_multirun(configs[0], multirun))
@@ -194,11 +201,16 @@ def _check_interpolations(cfg: DictConfig, overrides: list[str]) -> None:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if "hydra" in reason.lower():  # through a value of Hydra's run (${output_dir})
                 continue
-            typed = _typed(key, overrides).replace("\\{", "{").replace("\\}", "}")
+            typed = _unescaped(_typed(key, overrides))
             where = f"`{typed}`" if typed != key else f"`{key}: {value}` (from the config)"
             missing = re.search(r"Interpolation key '([^']+)' not found", reason)
             removed = f" (removed by `~{missing.group(1)}`)" if missing and f"~{missing.group(1)}" in overrides else ""
             raise CommandLineError(f"{where} cannot be resolved: {reason}{removed}.") from None
+
+
+def _unescaped(override: str) -> str:
+    """An override as typed: Hydra's sweep expansion escapes the braces of an interpolation."""
+    return override.replace("\\{", "{").replace("\\}", "}")
 
 
 def _interpolated(node: object, prefix: str) -> list[tuple[str, str]]:

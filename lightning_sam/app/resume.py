@@ -39,6 +39,9 @@ class Resume:
         path = cfg.get("ckpt_path")
         if path is None:
             return cls(None, None, None)
+        if isinstance(path, str) and Path(path).is_dir():
+            hint = " (its last.ckpt?)" if (Path(path) / "last.ckpt").is_file() else ""
+            raise ConfigError(f"Expected `ckpt_path` to be a checkpoint file, got {path!r}: a folder{hint}.")
         if not isinstance(path, str) or not Path(path).is_file():
             raise ConfigError(f"Expected `ckpt_path` to be a checkpoint file, got {path!r}: no such file.")
         if Path(path).stat().st_size == 0:

@@ -93,6 +93,9 @@ def _error_line(err: str) -> str:
         ("data.data_dir=/proc/foo", r"Cannot find or write the data at `data.data_dir='/proc/foo'`"),
         ("+trainer.max_epoch=3", r"`trainer.max_epoch` is not an argument of lightning.pytorch.Trainer \(did you "
                                  r"mean `trainer.max_epochs`\?\); it takes: accelerator, strategy"),
+        ("scheduler.T_max=0", r"Expected `scheduler.T_max` to be an int >= 1 \(epochs to decay over\), got 0.$"),
+        ("sam.rho_schedule={_target_:lightning_sam.RhoSchedul,shape:cosine,total_steps:10}",
+         r"Error loading 'lightning_sam.RhoSchedul': ModuleNotFoundError"),
         ("+callbacks.sharpness.every=3", r"`callbacks.sharpness.every` is not an argument of .*SharpnessMonitor; it "
                                          r"takes none"),
     ],
@@ -148,6 +151,18 @@ def test_a_sweep_asked_for_otherwise_than_by_a_leading_m_is_checked_and_runs(
     code, _, err = sweep("sam.rho=0.05,0.1", tmp_path / "good")
     assert code == 0, err[-3000:]
     assert sorted(p.name for p in (tmp_path / "good").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_sweep_names_the_job_whose_composition_fails(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    code, _, err = _run(monkeypatch, capsys, "-m", "debug=default", "sam=sam,looksam", "sam.interval=2",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert code == 2 and _error_line(err).endswith("(in the job with sam=looksam).")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_folder_given_as_ckpt_path_is_named_so(tmp_path, mnist1d_dir, monkeypatch, capsys):
+    code, _, err = _run(monkeypatch, capsys, *_base(mnist1d_dir, tmp_path / "run", f"ckpt_path={tmp_path}"))
+    assert code == 2 and _error_line(err).endswith(f"got '{tmp_path}': a folder.")
 
 
 def test_a_sweep_runs_as_its_jobs_would_alone(tmp_path, mnist1d_dir, monkeypatch, capsys):
