@@ -15,6 +15,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,12 +38,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--points", type=int, default=21, help="grid points per axis")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random directions")
     args = parser.parse_args(argv)
-    if len(args.runs) > 2:
-        parser.error("give one or two run directories")
+    problem = _check(args)
+    if problem:
+        parser.error(problem)
 
     nets, batches = [], None
     for run in args.runs:
-        net, datamodule = load_run(run, args.checkpoint)
+        try:
+            net, datamodule = load_run(run, args.checkpoint)
+        except FileNotFoundError as err:
+            parser.error(str(err))
         nets.append(net)
         if batches is None:  # the first run's data and split, the same batches for every slice
             datamodule.setup("fit")
@@ -67,6 +73,34 @@ def main(argv: list[str] | None = None) -> Path:
     path = plot_slices(args.out, lines, planes, title="loss on training batches")
     print(f"saved {path}")
     return path
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, before any run is loaded (``None``: nothing)."""
+    if len(args.runs) > 2:
+        return "give one or two run directories"
+    for run in args.runs:
+        if not run.is_dir():
+            return f"{run} is not a run directory (expected the hydra.run.dir of a training run)"
+    if args.batches < 1:
+        return f"--batches must be an int >= 1, got {args.batches}"
+    if args.points < 2:
+        return f"--points must be an int >= 2 (grid points per axis), got {args.points}"
+    if not math.isfinite(args.span) or args.span <= 0:
+        return f"--span must be a positive number, got {args.span}"
+    if args.out.is_dir():
+        return f"--out {args.out} is a folder: give the file to write (e.g. {args.out / 'landscape.png'})"
+    if args.out.suffix.lower() != ".png":
+        return f"--out must name a .png file, got {args.out}"
+    parent = args.out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        return f"--out {args.out}: {parent} is not writable ({err.strerror})"
+    return None
 
 
 if __name__ == "__main__":

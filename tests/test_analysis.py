@@ -286,3 +286,26 @@ def test_generalization_report_quick_mode(tmp_path, monkeypatch, mnist1d_dir):
     assert "| SGD, 2x epochs |" in report and "top Hessian eig." in report
     assert "nan" not in report
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--batches", "0"], "--batches must be an int >= 1"),
+        (["--points", "1"], "--points must be an int >= 2"),
+        (["--span", "nan"], "--span must be a positive number"),
+        (["--out", "pic.xyz"], "--out must name a .png file"),
+        (["--out", "/proc/x.png"], "/proc is not writable"),
+    ],
+)
+def test_landscape_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, extra, match):
+    from lightning_sam import landscape
+
+    with pytest.raises(SystemExit) as exit_:
+        landscape.main([str(tmp_path), *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        landscape.main([str(tmp_path / "nope")])
+    assert "is not a run directory" in capsys.readouterr().err
