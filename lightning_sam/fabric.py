@@ -156,9 +156,22 @@ def _passes(
                 keep_local = context.distributed and not context.syncs_clean
                 return fabric.no_backward_sync(model, enabled=True) if keep_local else nullcontext()
 
-            update.begin_clean_()  # the perturbed pass draws the same random numbers, from the same buffers
-            with local():
-                loss = closure()
+            # the perturbed pass draws the same random numbers, from the buffers the clean forward starts from:
+            # noted inside the forward, after DDP broadcast rank 0's (the perturbed forward does not broadcast)
+            update.begin_clean_(buffers=False)
+            noted: list[bool] = []
+
+            def note_buffers(*_: Any) -> None:
+                if not noted:
+                    noted.append(True)
+                    update.begin_clean_forward_()
+
+            hook = model.module.register_forward_pre_hook(note_buffers)
+            try:
+                with local():
+                    loss = closure()
+            finally:
+                hook.remove()
 
             def clean_backward() -> None:
                 with local():

@@ -24,6 +24,7 @@ Three ways to call it:
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,8 @@ class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any torch optimizer, for a plain PyTorch loop (davda54/sam's API).
 
     Args:
-        params: the parameters (or param groups; a group may carry its own ``"rho"``).
+        params: the parameters (or param groups; a group may carry its own ``"rho"``, or ``"sam_rho"``
+            for a base optimizer with a ``rho`` of its own, such as Adadelta's decay rate).
         base_optimizer: the optimizer class, built over the same param groups with ``**kwargs``
             (``torch.optim.SGD``); the instance is :attr:`base_optimizer`.
         rho: the radius (davda54's ``rho``).
@@ -91,7 +93,13 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"Expected `method` to be a method object of lightning_sam, got {method!r}.")
         if method is None:
             method = _ASAM(rho, eta=0.0) if adaptive else _SAMMethod(rho)  # checks rho
-        super().__init__(params, dict(rho=method.radius, adaptive=adaptive, **kwargs))
+        # the groups carry SAM's radius as davda54's do ("rho"), or as "sam_rho" for an optimizer with a rho of
+        # its own (Adadelta's decay rate), which would read SAM's as its own
+        try:
+            own_rho = "rho" in inspect.signature(base_optimizer).parameters
+        except (TypeError, ValueError):  # a callable without a signature
+            own_rho = False
+        super().__init__(params, {"sam_rho" if own_rho else "rho": method.radius, "adaptive": adaptive, **kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -238,7 +246,7 @@ class SAM(torch.optim.Optimizer):
         ours = state.pop("lightning_sam", None)
         if self._update.is_open:  # a pending single-pass perturbation is dropped, not undone: load the model too
             self._update.end_()
-        kept = [{k: g[k] for k in ("rho", "adaptive") if k in g} for g in self.param_groups]
+        kept = [{k: g[k] for k in ("rho", "sam_rho", "adaptive") if k in g} for g in self.param_groups]
         self.base_optimizer.load_state_dict(state)
         self.param_groups = self.base_optimizer.param_groups
         for group, extra in zip(self.param_groups, kept):  # a plain state dict has no "rho": keep the groups' own

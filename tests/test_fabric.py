@@ -199,6 +199,8 @@ def test_ddp_matches_the_simulations_with_the_expected_allreduces(tmp_path):
             torch.testing.assert_close(ranks[0]["state"][key], value, atol=1e-6, rtol=0, msg=f"{mode} {key}")
     local, sync = (torch.load(tmp_path / f"{m}_rank0.pt")["state"]["0.weight"] for m in ("local", "sync"))
     assert not torch.allclose(local, sync, atol=1e-6)  # the two modes really differ
+    # a buffer the forward updates in place: the perturbed pass starts from the one DDP broadcast, on each rank
+    assert [torch.load(tmp_path / f"buffers_rank{r}.pt")["same"] for r in (0, 1)] == [True, True]
 
 
 def test_a_resume_from_fabric_save_is_exact(tmp_path):

@@ -328,3 +328,29 @@ def test_a_non_finite_clean_gradient_on_a_plain_step_of_the_two_call_loop_is_ski
             assert before[1]["state"].keys() == after.keys() and after
             for i in after:
                 assert torch.equal(before[1]["state"][i]["momentum_buffer"], after[i]["momentum_buffer"])
+
+
+def test_an_optimizer_with_a_rho_of_its_own_keeps_it():
+    """Adadelta's rho is its decay rate: the wrapper's groups carry SAM's radius as "sam_rho" there."""
+    plain, wrapped = make_net(batchnorm=False), make_net(batchnorm=False)
+    base = torch.optim.Adadelta(plain.parameters(), lr=1.0)
+    opt = SAM(wrapped.parameters(), torch.optim.Adadelta, rho=0.0, lr=1.0)
+    assert opt.param_groups[0]["rho"] == 0.9 and opt.param_groups[0]["sam_rho"] == 0.0
+    for x, y in make_loader(batch_size=16):
+        base.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        base.step()
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(wrapped(x), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+    for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
+        assert torch.equal(a, b)
+    radius = SAM(make_net(batchnorm=False).parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    x, y = next(iter(make_loader(batch_size=16)))
+    net = radius.param_groups[0]["params"]
+    assert net and radius.param_groups[0]["sam_rho"] == 0.05

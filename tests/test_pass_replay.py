@@ -5,6 +5,7 @@ random numbers (dropout, augmentation with torch, NumPy or Python's ``random``) 
 other than BatchNorm's (spectral norm's power-iteration vectors, a running mean of the user's).
 """
 
+import math
 import random
 
 import lightning.pytorch as pl
@@ -14,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_sam import SAM, SAMLightningModule, sam_step
+from lightning_sam import AESAM, SAM, SAMLightningModule, sam_step
 from lightning_sam.optim import SAM as SAMOptimizer
-from tests.helpers import assert_same_state, make_loader, state_copy, trainer
+from tests.helpers import SAMClassifier, assert_same_state, make_loader, state_copy, trainer
 
 
 class Noisy(nn.Module):
@@ -171,3 +172,31 @@ def test_the_optimizer_wrapper_step_with_rho_0_trains_like_its_base_optimizer():
     sam, sam_next = run(True)
     assert_same_state(plain, sam)
     _assert_same_next(plain_next, sam_next)
+
+
+class _DrawsBeforeBackward(pl.Callback):
+    """A callback drawing from torch's generator between the clean forward and the perturbed pass."""
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.last = torch.rand(1)
+
+
+def test_draws_between_the_passes_are_not_replayed_into_the_next_step():
+    plain, plain_next = _fit(Plain(), callbacks=[_DrawsBeforeBackward()])
+    sam, sam_next = _fit(SAMPlain(sam=SAM(rho=0.0)), callbacks=[_DrawsBeforeBackward()])
+    assert_same_state(plain, sam)
+    _assert_same_next(plain_next, sam_next)
+
+
+class _SavesTheModule(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import io
+
+        torch.save(pl_module, io.BytesIO())  # mid accumulation window: an update is open
+
+
+@pytest.mark.parametrize("method", [SAM(rho=0.05), AESAM(rho=0.05, c=math.inf)], ids=["sam", "aesam-plain"])
+def test_a_module_pickles_in_the_middle_of_an_accumulation_window(method):
+    model = SAMClassifier(sam=method)  # (spectral norm's parametrization does not pickle: not Noisy)
+    trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[_SavesTheModule()]).fit(model, make_loader())
+    assert model.trainer.global_step == 3

@@ -51,12 +51,16 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags) or any(_MULTIRUN_MODE.fullmatch(o.replace(" ", "")) for o in overrides)
     parsed = _parse(overrides)
+    if not multirun and any(o.is_sweep_override() for o in parsed):  # a config may set hydra.mode (hparams_search)
+        first = _variants(overrides, parsed, True)
+        multirun = bool(first) and is_multirun(_compose(first[0], True), False)
     configs = []
     variants = _variants(overrides, parsed, multirun)
     for variant in variants:
         try:
             cfg = _compose(variant, multirun)
-            _check_interpolations(cfg, variant)
+            if _runs_here(cfg, multirun):  # a job on a cluster resolves its values (${oc.env:...}) where it runs
+                _check_interpolations(cfg, variant)
         except CommandLineError as err:
             swept = [_unescaped(v) for v, o in zip(variant, overrides) if v != o] if len(variants) > 1 else []
             if not swept or all(f"`{v}`" in str(err) for v in swept):
@@ -66,6 +70,12 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     if configs:
         _check_run_directory(configs[0], is_multirun(configs[0], multirun))
     return configs
+
+
+def _runs_here(cfg: DictConfig, multirun: bool) -> bool:
+    """Whether the job of ``cfg`` runs on this machine: a run, or a sweep on Hydra's basic launcher."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher._target_", default="")
+    return not multirun or str(launcher).endswith(".BasicLauncher")
 
 
 def multirun_flags_first(argv: Sequence[str]) -> list[str]:
@@ -232,7 +242,7 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
     output_dir = raw.get("output_dir")
     if isinstance(output_dir, str) and "${" not in output_dir:  # set to a folder of its own
         candidates.append(("output_dir", output_dir))
-    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")):
+    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")) if _runs_here(cfg, multirun) else ():
         nodes = raw.get(group) or {}
         candidates += [
             (f"{group}.{name}.{key}", node.get(key)) for name, node in nodes.items() if isinstance(node, dict)
@@ -241,6 +251,8 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
         if not isinstance(value, str):
             continue
         fixed, interpolated, _ = value.partition("${")  # the part that no interpolation changes
+        if interpolated and not fixed and name.startswith(("callbacks.", "logger.")):
+            continue  # inside the run directory (${output_dir}/...), checked above
         path = Path(os.path.dirname(fixed) if interpolated and not fixed.endswith("/") else fixed or ".")
         problem = _unwritable(path)
         if problem:

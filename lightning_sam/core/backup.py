@@ -159,7 +159,7 @@ class RandomStates:
         self._cuda = (torch.cuda.current_device(), torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else None
         self._python = random.getstate()
         numpy = sys.modules.get("numpy")  # not imported: nothing can draw from it
-        self._numpy = (numpy, numpy.random.get_state()) if numpy is not None else None
+        self._numpy = numpy.random.get_state() if numpy is not None else None  # the state only: it pickles
 
     def restore_(self) -> None:
         """Put every generator back to where it was when this object was made."""
@@ -169,8 +169,7 @@ class RandomStates:
             torch.cuda.set_rng_state(state, device)
         random.setstate(self._python)
         if self._numpy is not None:
-            numpy, state = self._numpy
-            numpy.random.set_state(state)
+            sys.modules["numpy"].random.set_state(self._numpy)
 
 
 class PassReplay:
@@ -180,10 +179,11 @@ class PassReplay:
     :meth:`enter_` (before the perturbed forward) keeps the buffers as the clean pass left them, then
     puts back the generators (the same dropout masks and augmentations: the loss is the same function at
     ``w + e``, as in the paper's code) and the buffers; :meth:`exit_` (after the perturbed backward) puts
-    back the buffers as the clean pass left them. Buffers are updated at ``w`` only, once per micro-batch
-    (BatchNorm statistics, spectral norm's vectors, a running mean of the user's), and with ``rho = 0``
-    the step is plain training's, draw for draw. Without a :meth:`mark_` (a caller whose clean pass
-    is not seen) the perturbed pass starts from where the clean pass left things.
+    back the buffers and the generators as the clean pass (and what ran after it) left them. Buffers
+    are updated at ``w`` only, once per micro-batch (BatchNorm statistics, spectral norm's vectors, a
+    running mean of the user's, updated in place), and with ``rho = 0`` the step is plain training's,
+    draw for draw. Without a :meth:`mark_` (a caller whose clean pass is not seen) the perturbed pass
+    starts from where the clean pass left things.
 
     Example::
 
@@ -202,28 +202,37 @@ class PassReplay:
 
     def __init__(self) -> None:
         self._random: RandomStates | None = None
+        self._random_after: RandomStates | None = None
         self._start, self._after = BufferBackup(), BufferBackup()
 
-    def mark_(self, buffers: list[Tensor]) -> None:
-        """Before the clean forward: note the generators and the buffers."""
+    def mark_(self, buffers: list[Tensor] | None) -> None:
+        """Before the clean forward: note the generators, and the buffers (``None``: :meth:`mark_buffers_` later)."""
         self._random = RandomStates()
+        if buffers is not None:
+            self._start.save_(buffers)
+
+    def mark_buffers_(self, buffers: list[Tensor]) -> None:
+        """Note the buffers the clean forward starts from (under DDP: after it broadcast rank 0's)."""
         self._start.save_(buffers)
 
     def enter_(self, buffers: list[Tensor]) -> None:
-        """Before the perturbed forward: keep the buffers as they are, then go back to the marked start."""
+        """Before the perturbed forward: keep the buffers and generators as they are, then go back to the mark."""
         self._after.save_(buffers)
         if self._random is not None:
+            self._random_after = RandomStates()  # where the clean pass, and the hooks after it, left them
             self._start.restore_()
             self._random.restore_()
 
     def exit_(self) -> None:
-        """After the perturbed pass (or its exception): the buffers as the clean pass left them."""
+        """After the perturbed pass (or its exception): buffers and generators as the clean pass left them."""
         self._after.restore_()
+        if self._random_after is not None:
+            self._random_after.restore_()
         self.discard()
 
     def discard(self) -> None:
         """Forget what was noted (the storage is kept)."""
-        self._random = None
+        self._random = self._random_after = None
         self._start.discard()
         self._after.discard()
 

@@ -229,14 +229,20 @@ class SAMUpdate:
         self._follow_(optimizer)
         return any(p.requires_grad and id(p) in selected for p in self._params)
 
-    def begin_clean_(self) -> None:
+    def begin_clean_(self, buffers: bool = True) -> None:
         """Before the clean forward of a two-pass micro-batch: note the random generators and the buffers.
 
         The perturbed pass (:meth:`descend_`) starts from them again: the same dropout masks and
-        augmentations, the buffers as the clean forward found them.
+        augmentations, the buffers as the clean forward found them. ``buffers=False``: the buffers are
+        noted later, by :meth:`begin_clean_forward_` (from inside the forward, after DDP broadcast them).
         """
         assert self._layout is not None, "bind_ first"
-        self._replay.mark_(self._layout.buffers)
+        self._replay.mark_(self._layout.buffers if buffers else None)
+
+    def begin_clean_forward_(self) -> None:
+        """Note the buffers the clean forward starts from (see :meth:`begin_clean_`)."""
+        assert self._layout is not None, "bind_ first"
+        self._replay.mark_buffers_(self._layout.buffers)
 
     def note_loss(self, loss: Tensor) -> None:
         """Count a plain micro-batch's loss in the finite check."""
@@ -276,6 +282,7 @@ class SAMUpdate:
             self._decided = True
             if not any_rank(wants):
                 self._stash.add_back_(self._params)
+                self._replay.discard()  # no perturbed pass
                 return False
         self.method.clean_gradient_(params, grads)
         rho = self.method.rho_at(self._step, lr)

@@ -316,3 +316,13 @@ def test_a_resume_that_lengthens_a_run_a_method_plans_by_is_refused(tmp_path, mn
     assert code == 2
     expected = "`trainer.max_epochs`: 2 in the run, 4 now (LatePhaseSAM(rho=0.05, start=0.5) plans by the run's length)"
     assert expected in _error_line(err)
+
+
+def test_a_sweep_set_by_the_config_or_run_elsewhere_is_not_refused(monkeypatch):
+    from lightning_sam.app.command_line import check_command_line
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    # hparams_search sets hydra.mode=MULTIRUN itself: a comma list is a sweep, one composition per value
+    assert len(check_command_line(["debug=default", "hparams_search=rho", "optimizer.momentum=0.8,0.9"])) == 2
+    # a SLURM job resolves its values where it runs: ${oc.env:SLURM_JOB_ID} does not exist on the login node
+    check_command_line(["-m", "launcher=slurm", "trainer.default_root_dir=/scratch/${oc.env:SLURM_JOB_ID}"])
