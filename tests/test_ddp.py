@@ -151,9 +151,9 @@ def test_strategies_that_accumulate_in_their_own_engine_are_refused():
         SAMClassifier()._sam_check_trainer(fake)
 
 
-def test_sync_batchnorm_statistics_are_frozen_in_the_perturbed_pass():
-    # SyncBatchNorm needs GPUs to synchronize; in one process it runs as BatchNorm, which checks the
-    # freezing (it is a _BatchNorm). The 2-GPU run is in benchmarks/gpu_checks.py.
+def test_sync_batchnorm_statistics_are_updated_by_the_clean_pass_only():
+    # SyncBatchNorm needs GPUs to synchronize; in one process it runs as BatchNorm, which checks that its
+    # buffers come back as the clean pass left them. The 2-GPU run is in benchmarks/gpu_checks.py.
 
     model = SAMClassifier(sam=SAM(0.5))
     model.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
