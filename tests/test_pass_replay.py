@@ -200,3 +200,26 @@ def test_a_module_pickles_in_the_middle_of_an_accumulation_window(method):
     model = SAMClassifier(sam=method)  # (spectral norm's parametrization does not pickle: not Noisy)
     trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[_SavesTheModule()]).fit(model, make_loader())
     assert model.trainer.global_step == 3
+
+
+class _Replacing(Plain):
+    """A forward that replaces its buffer (``self.seen = ...``) instead of updating it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(6))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen = 0.9 * self.seen + 0.1 * x.mean(0)
+        return F.cross_entropy(self.net(x - self.seen), y)
+
+
+class _SAMReplacing(SAMLightningModule, _Replacing):
+    pass
+
+
+def test_a_buffer_the_forward_replaces_is_followed():
+    plain, _ = _fit(_Replacing())
+    sam, _ = _fit(_SAMReplacing(sam=SAM(rho=0.0)))
+    assert_same_state(plain, sam)  # `seen` updated once a step, as in plain training

@@ -128,10 +128,19 @@ class BufferBackup:
             torch._foreach_copy_(self._saved, buffers)
         self._valid = True
 
-    def restore_(self) -> None:
-        """Copy the saved values back (nothing when none are held)."""
-        if self._valid and self._buffers:
-            torch._foreach_copy_(self._buffers, self._saved)
+    def restore_(self, into: list[Tensor] | None = None) -> None:
+        """Copy the saved values back (nothing when none are held).
+
+        ``into``: the buffers as the module holds them now, where a forward replaced some since the save
+        (the values go into the module's current tensors, where their shapes still match).
+        """
+        if not (self._valid and self._buffers):
+            return
+        targets = self._buffers
+        if into is not None and len(into) == len(self._saved) and not same_tensors(into, self._buffers):
+            targets = [now if now.shape == saved.shape else then
+                       for now, then, saved in zip(into, self._buffers, self._saved)]  # fmt: skip
+        torch._foreach_copy_(targets, self._saved)
 
     def discard(self) -> None:
         """Forget the copy; the storage is kept for the next update."""
@@ -220,12 +229,15 @@ class PassReplay:
         self._after.save_(buffers)
         if self._random is not None:
             self._random_after = RandomStates()  # where the clean pass, and the hooks after it, left them
-            self._start.restore_()
+            self._start.restore_(buffers)
             self._random.restore_()
 
-    def exit_(self) -> None:
-        """After the perturbed pass (or its exception): buffers and generators as the clean pass left them."""
-        self._after.restore_()
+    def exit_(self, buffers: list[Tensor] | None = None) -> None:
+        """After the perturbed pass (or its exception): buffers and generators as the clean pass left them.
+
+        ``buffers``: the module's buffers now (the perturbed forward may have replaced some).
+        """
+        self._after.restore_(buffers)
         if self._random_after is not None:
             self._random_after.restore_()
         self.discard()

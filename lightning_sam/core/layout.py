@@ -21,8 +21,12 @@ class ModuleLayout(NamedTuple):
     """What an update needs to know about the module, found once per fit (after SyncBatchNorm conversion)."""
 
     metrics: list[torchmetrics.Metric]  # states put back after the perturbed pass
-    buffers: list[Tensor]  # saved at the start of each update, restored if it is skipped or fails
+    buffer_slots: list[tuple[torch.nn.Module, str]]  # where the buffers live: a forward may replace one
     selected: frozenset[int] | None  # ids of the parameters to perturb (None: all)
+
+    def buffers(self) -> list[Tensor]:
+        """The module's buffers now: a forward that replaces one (``self.b = 0.9 * self.b + ...``) is followed."""
+        return [b for m, name in self.buffer_slots if (b := m._buffers.get(name)) is not None]
 
     @classmethod
     def of(cls, module: torch.nn.Module, method: Method, unfrozen_later: bool = False) -> ModuleLayout:
@@ -55,7 +59,7 @@ class ModuleLayout(NamedTuple):
             selected = frozenset(map(id, chosen))
         return cls(
             metrics=[m for m in module.modules() if isinstance(m, torchmetrics.Metric)],
-            buffers=list(module.buffers()),
+            buffer_slots=[(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None],
             selected=selected,
         )
 

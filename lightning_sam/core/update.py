@@ -209,7 +209,7 @@ class SAMUpdate:
         self._follow_(optimizer)  # also on later micro-batches: a group may be added between two of them
         if self._open:
             return
-        self._buffers.save_(self._layout.buffers)
+        self._buffers.save_(self._layout.buffers())
         self._sam = self.takes_sam_step(step, optimizer)
         self._step = step
         self._open = True
@@ -237,12 +237,12 @@ class SAMUpdate:
         noted later, by :meth:`begin_clean_forward_` (from inside the forward, after DDP broadcast them).
         """
         assert self._layout is not None, "bind_ first"
-        self._replay.mark_(self._layout.buffers if buffers else None)
+        self._replay.mark_(self._layout.buffers() if buffers else None)
 
     def begin_clean_forward_(self) -> None:
         """Note the buffers the clean forward starts from (see :meth:`begin_clean_`)."""
         assert self._layout is not None, "bind_ first"
-        self._replay.mark_buffers_(self._layout.buffers)
+        self._replay.mark_buffers_(self._layout.buffers())
 
     def note_loss(self, loss: Tensor) -> None:
         """Count a plain micro-batch's loss in the finite check."""
@@ -500,7 +500,7 @@ class SAMUpdate:
         """
         self._weights.restore_()
         if self._open:
-            self._buffers.restore_()
+            self._buffers.restore_(self._layout.buffers() if self._layout else None)
         if self._ascended or self._decided:
             self.method.skip_()
         self.end_()
@@ -518,7 +518,7 @@ class SAMUpdate:
             local(grads[:1])[0].fill_(float("nan"))
 
     def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
-        self._buffers.restore_()
+        self._buffers.restore_(self._layout.buffers() if self._layout else None)
         if self._ascended or self._decided:
             self.method.skip_()
         self.skipped_steps += 1
@@ -584,9 +584,9 @@ class SAMUpdate:
         """From the clean pass's start (generators, buffers); then the buffers and torchmetrics as it left them."""
         assert self._layout is not None
         metrics = MetricStates(self._layout.metrics)
-        self._replay.enter_(self._layout.buffers)
+        self._replay.enter_(self._layout.buffers())
         try:
             yield
         finally:
-            self._replay.exit_()
+            self._replay.exit_(self._layout.buffers())
             metrics.restore()
