@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,7 +41,6 @@ _WRAPPED_HOOKS = (
     "on_fit_start",
     "on_save_checkpoint",
     "on_load_checkpoint",
-    "configure_callbacks",
 )
 _CHECKPOINT_KEY = "lightning_sam"
 
@@ -178,6 +178,8 @@ class SAMLightningModule(pl.LightningModule):
             # a new fit: bind again, at `on_fit_start` or, if a callback trains before it (the Tuner's
             # finders run their trial steps from their own `on_fit_start`), at the first training step
             self._sam_update.unbind_()
+            if not any(isinstance(c, _UndoOnException) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, _UndoOnException())  # first: before any other's on_exception
         pl.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
 
     def _sam_check_trainer(self, trainer: pl.Trainer) -> None:
@@ -251,14 +253,6 @@ class SAMLightningModule(pl.LightningModule):
             super().log(name, value, *args, **kwargs)
 
     # ------------------------------------------------------------------ wrapped hooks
-    def _sam_configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
-        callbacks = type(self).configure_callbacks(self)
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, _UndoOnException) for c in trainer.callbacks):
-            return callbacks  # a later fit of the same Trainer (after the Tuner's): it has one
-        listed = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks] if callbacks else []
-        return [*listed, _UndoOnException()]
-
     def _sam_on_fit_start(self) -> None:
         type(self).on_fit_start(self)
         self._sam_bind(self.trainer)  # again after a finder: it restored the module as it was
@@ -436,8 +430,9 @@ class _UndoOnException(pl.Callback):
 
     The mixin's own hooks guard the step, but Lightning runs the micro-batches of an accumulation
     window before the last outside ``optimizer_step``: a callback's ``on_before_backward`` raising there
-    would leave a single-pass method's ``w + e`` in the module. Lightning calls ``on_exception`` before
-    the checkpoint callbacks' (``OnExceptionCheckpoint`` then saves ``w``).
+    would leave a single-pass method's ``w + e`` in the module. The mixin puts this callback first in
+    ``trainer.callbacks`` when a fit starts (the others keep their order), so its ``on_exception``
+    runs before any other's (``OnExceptionCheckpoint`` then saves ``w``).
     """
 
     @override
@@ -459,21 +454,33 @@ class _PassState:
 
 
 def _containers_copied(value: Any) -> Any:
-    """``value`` with its dicts, lists and tuples copied, all the way down; tensors and other leaves shared.
+    """``value`` with its containers copied, all the way down; tensors and other leaves shared.
 
-    So a ``training_step`` that pops from its batch (``labels = batch.pop("labels")``) finds the same
-    batch again in the perturbed pass. A tensor changed in place is changed in both.
+    Dicts (and other mutable mappings such as a tokenizer's ``BatchEncoding``), lists, tuples,
+    dataclass instances and ``SimpleNamespace`` objects are copied, so a ``training_step`` that pops
+    from its batch (``labels = batch.pop("labels")``) or reassigns a field (``batch.x = batch.x / 2``)
+    finds the same batch again in the perturbed pass. A tensor changed in place is changed in both.
     """
+    if isinstance(value, Tensor):
+        return value
     if isinstance(value, MutableMapping):
-        copied = copy.copy(value)  # the same class (a dict subclass, a UserDict such as a tokenizer's BatchEncoding)
+        copied = copy.copy(value)  # the same class
         for key in list(copied.keys()):
             copied[key] = _containers_copied(copied[key])
         return copied
     if isinstance(value, list):
-        return type(value)(_containers_copied(v) for v in value) if type(value) is list else copy.copy(value)
+        copied = copy.copy(value)
+        copied[:] = [_containers_copied(v) for v in value]
+        return copied
     if isinstance(value, tuple):
         items = [_containers_copied(v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if (is_dataclass(value) and not isinstance(value, type)) or isinstance(value, SimpleNamespace):
+        copied = copy.copy(value)
+        names = [f.name for f in fields(copied)] if is_dataclass(copied) else list(vars(copied))
+        for name in names:
+            object.__setattr__(copied, name, _containers_copied(getattr(copied, name)))
+        return copied
     return value
 
 

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import lightning.pytorch as pl
 import pytest
@@ -437,3 +438,72 @@ def test_a_training_step_that_pops_from_its_batch_gets_it_whole_in_the_perturbed
     sam = _SAMPopsLabels(sam=SAM(rho=0.0))
     trainer(max_epochs=1).fit(sam, loader())
     assert_same_state(state_copy(plain), state_copy(sam))
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class _HalvesItsInputs(Classifier):
+    """Reassigns a field of a dataclass batch (no tensor changed in place)."""
+
+    def training_step(self, batch, batch_idx):
+        batch.x = batch.x * 0.5
+        return F.cross_entropy(self(batch.x), batch.y)
+
+
+class _SAMHalvesItsInputs(SAMLightningModule, _HalvesItsInputs):
+    pass
+
+
+class _Rows(list):
+    pass
+
+
+class _PopsFromAListSubclass(Classifier):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1].pop("y"))
+
+
+class _SAMPopsFromAListSubclass(SAMLightningModule, _PopsFromAListSubclass):
+    pass
+
+
+@pytest.mark.parametrize("case", ["dataclass-field", "list-subclass"])
+def test_the_perturbed_pass_gets_the_batch_as_the_clean_pass_got_it(case):
+    if case == "dataclass-field":
+        plain, sam, collate = _HalvesItsInputs(), _SAMHalvesItsInputs(sam=SAM(rho=0.0)), lambda rows: _Batch(
+            torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))  # fmt: skip
+    else:
+        plain, sam = _PopsFromAListSubclass(), _SAMPopsFromAListSubclass(sam=SAM(rho=0.0))
+        collate = lambda rows: _Rows([torch.stack([r[0] for r in rows]), {"y": torch.stack([r[1] for r in rows])}])  # noqa: E731
+    for module in (plain, sam):
+        trainer(max_epochs=1).fit(module, torch.utils.data.DataLoader(make_loader().dataset, batch_size=16,
+                                                                      collate_fn=collate))  # fmt: skip
+    assert_same_state(state_copy(plain), state_copy(sam))
+
+
+def test_the_mixin_leaves_the_order_of_the_trainers_callbacks_as_it_was():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Spy(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(len(trainer.checkpoint_callbacks[0].best_k_models) if trainer.checkpoint_callbacks else 0)
+
+    def run(module, tmp):
+        t = trainer(max_steps=3, enable_checkpointing=True)
+        t.callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=1, save_top_k=-1))  # after the Trainer
+        spy = Spy()
+        t.callbacks.append(spy)
+        t.fit(module, make_loader())
+        return spy.seen, [type(c).__name__ for c in t.callbacks if type(c).__name__ != "_UndoOnException"]
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        assert run(Classifier(), a) == run(SAMClassifier(sam=SAM(0.05)), b)
