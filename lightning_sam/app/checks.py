@@ -496,8 +496,13 @@ def build_trainer(trainer_cfg: dict, quiet: bool = False, **kwargs: Any) -> pl.T
 
 
 def _construct(config: dict, kwargs: dict) -> pl.Trainer:
-    """The Trainer of ``config`` (resolved plain data with its ``_target_``) and ``kwargs`` (objects)."""
-    return get_class(config["_target_"])(**{k: v for k, v in config.items() if k != "_target_"}, **kwargs)
+    """The Trainer of ``config`` (resolved plain data with its ``_target_``) and ``kwargs`` (objects).
+
+    Each Trainer gets its own copy of the lists in ``kwargs``: Lightning adds its default callbacks (a
+    progress bar, the model summary) to the list it is given, which would reach the next Trainer built.
+    """
+    own = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return get_class(config["_target_"])(**{k: v for k, v in config.items() if k != "_target_"}, **own)
 
 
 def check_method_takes_trainer(cfg: DictConfig, model: SAMClassifier, trainer: pl.Trainer, trainer_cfg: dict) -> None:

@@ -93,6 +93,7 @@ def _error_line(err: str) -> str:
         ("data.data_dir=/proc/foo", r"Cannot find or write the data at `data.data_dir='/proc/foo'`"),
         ("+trainer.max_epoch=3", r"`trainer.max_epoch` is not an argument of lightning.pytorch.Trainer \(did you "
                                  r"mean `trainer.max_epochs`\?\); it takes: accelerator, strategy"),
+        ("+trainer.fast_dev_run=-1", r"^error: Invalid `trainer.fast_dev_run=-1`: fast_dev_run=-1 is not a valid"),
         ("scheduler.T_max=0", r"Expected `scheduler.T_max` to be an int >= 1 \(epochs to decay over\), got 0.$"),
         ("sam.rho_schedule={_target_:lightning_sam.RhoSchedul,shape:cosine,total_steps:10}",
          r"Error loading 'lightning_sam.RhoSchedul': ModuleNotFoundError"),
