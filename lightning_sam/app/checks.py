@@ -227,6 +227,13 @@ def prepare_data(cfg: DictConfig, datamodule: Any) -> None:
         datamodule.setup("fit")
     except ValueError as err:
         raise ConfigError(f"Invalid `data` config: {_name_keys(str(err).splitlines()[0], cfg.data, 'data')}") from err
+    fraction, held_out = cfg.data.get("val_fraction", 0), getattr(datamodule, "val_set", None)
+    if fraction and held_out is not None and len(held_out) == 0:
+        log.warning(
+            "data.val_fraction=%s holds out no sample: no validation split, so no best checkpoint can be chosen; "
+            "the weights at the end of training are tested.",
+            fraction,
+        )
 
 
 def check_top_level(cfg: DictConfig) -> None:

@@ -369,6 +369,10 @@ def test_degenerate_but_valid_settings_warn(tmp_path, data_dir, caplog):
     with caplog.at_level("WARNING", logger="lightning_sam.train"):
         train(compose_cfg(tmp_path / "a", data_dir, "debug=default", "data.val_fraction=0"))
     assert "data.val_fraction=0: no validation split" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_sam.train"):
+        train(compose_cfg(tmp_path / "tiny", data_dir, "debug=default", "data.val_fraction=0.0001", "test=false"))
+    assert "data.val_fraction=0.0001 holds out no sample: no validation split" in caplog.text
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     caplog.clear()
     with caplog.at_level("WARNING", logger="lightning_sam.train"):
