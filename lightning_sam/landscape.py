@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lightning_sam.analysis import batch_loss, interpolate, plot_slices, random_plane
+from lightning_sam.app.command_line import unwritable_folder
 from lightning_sam.app.load import load_run
 
 __all__ = ["main"]
@@ -92,15 +92,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--out {args.out} is a folder: give the file to write (e.g. {args.out / 'landscape.png'})"
     if args.out.suffix.lower() != ".png":
         return f"--out must name a .png file, got {args.out}"
-    parent = args.out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        return f"--out {args.out}: {parent} is not writable ({err.strerror})"
-    return None
+    problem = unwritable_folder(args.out.absolute().parent)
+    return f"--out {args.out}: {problem}" if problem else None
 
 
 if __name__ == "__main__":

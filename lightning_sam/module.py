@@ -324,12 +324,13 @@ class SAMLightningModule(pl.LightningModule):
             # the first micro-batch of an update reads the optimizer's parameters and saves the buffers
             update.open_(trainer.global_step, optimizer)
             single_pass = update.is_sam_step and self.sam.single_pass
+            two_pass = update.is_sam_step and not single_pass
             if single_pass:  # Momentum-SAM, RWP: w <- w + e before the forward, the only pass
                 update.perturb_(optimizer, lr=optimizer.param_groups[0]["lr"])
-            elif update.is_sam_step:  # the perturbed pass draws the same random numbers, from the same buffers
+            elif two_pass:  # the perturbed pass draws the same random numbers, from the same buffers
                 update.begin_clean_()
             # the perturbed pass gets the batch as the clean pass found it, whatever that pass pops from it
-            batch = (_containers_copied(args), kwargs) if update.is_sam_step and not single_pass else (args, kwargs)
+            batch = (_containers_copied(args), kwargs) if two_pass else (args, kwargs)
             output = user_step(self, *args, **kwargs)
         self._sam_pass.batch = batch
         clean_loss = _loss_or_none(output)

@@ -21,10 +21,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CommandLineError", "check_command_line", "is_multirun", "multirun_flags_first"]
+__all__ = [
+    "MULTIRUN_FLAGS",
+    "CommandLineError",
+    "check_command_line",
+    "is_multirun",
+    "multirun_flags_first",
+    "runs_here",
+    "unwritable_folder",
+]
 
 _CONFIG_MODULE, _CONFIG_NAME = "lightning_sam.configs", "train"
-_MULTIRUN_FLAGS = ("-m", "--multirun")
+MULTIRUN_FLAGS = ("-m", "--multirun")
 _MULTIRUN_MODE = re.compile(r"\+*hydra\.mode=(RunMode\.)?MULTIRUN")
 _MAX_COMPOSITIONS = 64  # a sweep checks each of its values once (others at their first value), up to this many
 
@@ -46,7 +54,7 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
             be created; the message names the override as typed.
     """
     flags = [a for a in argv if a.startswith("-")]
-    if any(f not in _MULTIRUN_FLAGS for f in flags):
+    if any(f not in MULTIRUN_FLAGS for f in flags):
         return []  # --cfg, --help, --config-name, ...: Hydra's own business
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags) or any(_MULTIRUN_MODE.fullmatch(o.replace(" ", "")) for o in overrides)
@@ -59,7 +67,7 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     for variant in variants:
         try:
             cfg = _compose(variant, multirun)
-            if _runs_here(cfg, multirun):  # a job on a cluster resolves its values (${oc.env:...}) where it runs
+            if runs_here(cfg, multirun):  # a job on a cluster resolves its values (${oc.env:...}) where it runs
                 _check_interpolations(cfg, variant)
         except CommandLineError as err:
             swept = [_unescaped(v) for v, o in zip(variant, overrides) if v != o] if len(variants) > 1 else []
@@ -72,7 +80,7 @@ def check_command_line(argv: Sequence[str]) -> list[DictConfig]:
     return configs
 
 
-def _runs_here(cfg: DictConfig, multirun: bool) -> bool:
+def runs_here(cfg: DictConfig, multirun: bool) -> bool:
     """Whether the job of ``cfg`` runs on this machine: a run, or a sweep on Hydra's basic launcher."""
     launcher = OmegaConf.select(cfg, "hydra.launcher._target_", default="")
     return not multirun or str(launcher).endswith(".BasicLauncher")
@@ -80,7 +88,7 @@ def _runs_here(cfg: DictConfig, multirun: bool) -> bool:
 
 def multirun_flags_first(argv: Sequence[str]) -> list[str]:
     """``argv`` with ``-m``/``--multirun`` moved in front of the overrides, where Hydra's parser wants them."""
-    return [a for a in argv if a in _MULTIRUN_FLAGS] + [a for a in argv if a not in _MULTIRUN_FLAGS]
+    return [a for a in argv if a in MULTIRUN_FLAGS] + [a for a in argv if a not in MULTIRUN_FLAGS]
 
 
 def is_multirun(cfg: DictConfig, flag: bool) -> bool:
@@ -242,7 +250,7 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
     output_dir = raw.get("output_dir")
     if isinstance(output_dir, str) and "${" not in output_dir:  # set to a folder of its own
         candidates.append(("output_dir", output_dir))
-    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")) if _runs_here(cfg, multirun) else ():
+    for group, key in (("callbacks", "dirpath"), ("logger", "save_dir")) if runs_here(cfg, multirun) else ():
         nodes = raw.get(group) or {}
         candidates += [
             (f"{group}.{name}.{key}", node.get(key)) for name, node in nodes.items() if isinstance(node, dict)
@@ -254,7 +262,7 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
         if interpolated and not fixed and name.startswith(("callbacks.", "logger.")):
             continue  # inside the run directory (${output_dir}/...), checked above
         path = Path(os.path.dirname(fixed) if interpolated and not fixed.endswith("/") else fixed or ".")
-        problem = _unwritable(path)
+        problem = unwritable_folder(path)
         if problem:
             what = "the run directory " if name in (f"hydra.{kind}.dir", "output_dir") else ""
             raise CommandLineError(
@@ -262,7 +270,7 @@ def _check_run_directory(cfg: DictConfig, multirun: bool) -> None:
             )
 
 
-def _unwritable(path: Path) -> str | None:
+def unwritable_folder(path: Path) -> str | None:
     """Why no folder can be created at ``path`` (``None`` if one can)."""
     probe = path.absolute()
     while not probe.exists():

@@ -53,7 +53,14 @@ from lightning_sam.app.checks import (
     prepare_data,
     warn_unreached_milestones,
 )
-from lightning_sam.app.command_line import CommandLineError, check_command_line, is_multirun, multirun_flags_first
+from lightning_sam.app.command_line import (
+    MULTIRUN_FLAGS,
+    CommandLineError,
+    check_command_line,
+    is_multirun,
+    multirun_flags_first,
+    runs_here,
+)
 from lightning_sam.app.resume import Resume
 from lightning_sam.app.run_dir import (
     check_run_dir,
@@ -273,13 +280,13 @@ def main() -> None:
     launchers each job checks its own where it runs.
     """
     remember_new_folders(None, False)
-    if all(not a.startswith("-") or a in ("-m", "--multirun") for a in sys.argv[1:]):
+    if all(not a.startswith("-") or a in MULTIRUN_FLAGS for a in sys.argv[1:]):
         sys.argv[1:] = multirun_flags_first(sys.argv[1:])  # `key=value -m ...` runs as Hydra's `-m key=value ...`
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         try:
             configs = check_command_line(sys.argv[1:])
-            multirun = bool(configs) and is_multirun(configs[0], any(a in ("-m", "--multirun") for a in sys.argv[1:]))
-            if multirun and str(configs[0].hydra.launcher._target_).endswith(".BasicLauncher"):
+            multirun = bool(configs) and is_multirun(configs[0], any(a in MULTIRUN_FLAGS for a in sys.argv[1:]))
+            if multirun and runs_here(configs[0], multirun):
                 check_sweep(configs)  # jobs run here, one after another: a bad value is refused before the first
         except (CommandLineError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)

@@ -501,26 +501,28 @@ class SAMUpdate:
         self._weights.restore_()
         if self._open:
             self._buffers.restore_(self._layout.buffers() if self._layout else None)
-        if self._ascended or self._decided:
-            self.method.skip_()
+        self._forget_step_()
         self.end_()
 
     # ------------------------------------------------------------------ internals
+    def _forget_step_(self) -> None:
+        """The update does not step: the method forgets what it found or decided in it (``Method.skip_``)."""
+        if self._ascended or self._decided:
+            self.method.skip_()
+
     def _overflow(self, grads: list[Tensor]) -> None:
         """An fp16 overflow under a GradScaler: it skips the step and lowers its scale, as in plain training.
 
         The buffers keep the clean pass's update (plain training's keep its forward's), and the skip is
         the scaler's routine, not counted in ``skipped_steps``; the method forgets what this step found.
         """
-        if self._ascended or self._decided:
-            self.method.skip_()
+        self._forget_step_()
         if grads and not bool(any_non_finite(grads)):  # only another replica overflowed: this one skips too
             local(grads[:1])[0].fill_(float("nan"))
 
     def _skip(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], scaler: bool) -> None:
         self._buffers.restore_(self._layout.buffers() if self._layout else None)
-        if self._ascended or self._decided:
-            self.method.skip_()
+        self._forget_step_()
         self.skipped_steps += 1
         if self.skipped_steps == 1:
             warnings.warn(
